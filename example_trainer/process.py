@@ -1,0 +1,135 @@
+"""Child processes we start ourselves: Popen + log file, health waits with a deadline, stop by pid.
+
+Used by the launcher, the restart bridge's vLLM manager and the integration tests. We never look
+processes up by name: whoever starts one keeps its ManagedProcess and stops exactly that pid
+(and its process group, so vLLM's engine-core children go with it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import requests
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ProcessDied(RuntimeError):
+    pass
+
+
+class ManagedProcess:
+    """One child process in its own process group, with stdout+stderr in `log_path`."""
+
+    def __init__(
+        self,
+        name: str,
+        cmd: Sequence[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        cwd: str | Path | None = None,
+    ) -> None:
+        self.name = name
+        self.cmd = list(cmd)
+        self.log_path = Path(log_path)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.popen = subprocess.Popen(
+            self.cmd,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=cwd,
+            start_new_session=True,  # own process group: stop() takes vLLM's children too
+        )
+        log.info("started %s (pid %d), log: %s", name, self.popen.pid, self.log_path)
+
+    @classmethod
+    def python(cls, name: str, args: Sequence[str], log_path: Path, **kw) -> ManagedProcess:
+        """Run `python <args>` with this interpreter."""
+        return cls(name, [sys.executable, *args], log_path, **kw)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, n_lines: int = 40) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return ""
+        return "\n".join(lines[-n_lines:])
+
+    def wait_healthy(self, url: str, timeout_s: float, poll_s: float = 0.5) -> float:
+        """Poll `url` until it answers 200; return the seconds it took.
+
+        Raises ProcessDied at once if the process exits (a failed start must not cost the whole
+        deadline) and TimeoutError after `timeout_s`.
+        """
+        t0 = time.monotonic()
+        deadline = t0 + timeout_s
+        while True:
+            if not self.alive():
+                raise ProcessDied(
+                    f"{self.name} (pid {self.pid}) exited with code {self.popen.returncode} "
+                    f"before {url} answered; last log lines ({self.log_path}):\n{self.log_tail()}"
+                )
+            try:
+                if requests.get(url, timeout=2).status_code == 200:
+                    return time.monotonic() - t0
+            except requests.RequestException:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{self.name} (pid {self.pid}) did not answer {url} within {timeout_s:.0f}s; "
+                    f"last log lines ({self.log_path}):\n{self.log_tail()}"
+                )
+            time.sleep(poll_s)
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM the process group, SIGKILL it after `timeout_s`; idempotent."""
+        if self.alive():
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(self.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.popen.wait(timeout=timeout_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    log.warning("%s (pid %d) ignored SIGTERM; killing", self.name, self.pid)
+        else:
+            # The leader is gone but children of its group may linger (vLLM engine core).
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if not self._log_file.closed:
+            self._log_file.close()
+        log.info("stopped %s (pid %d)", self.name, self.pid)
+
+    def __enter__(self) -> ManagedProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
