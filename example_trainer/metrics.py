@@ -1,0 +1,60 @@
+"""Per-step metrics: one line-buffered JSONL row, one human-readable log line, optional wandb."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from tqdm import tqdm
+
+from example_trainer.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+# The keys every step row carries (pinned by a test); bridges and the loss may add more.
+STEP_KEYS = (
+    "step", "loss/total", "loss/pg", "loss/clipfrac_low", "loss/clipfrac_high", "loss/approx_kl",
+    "loss/entropy", "reward/mean", "reward/std", "adv/std", "optim/grad_norm", "optim/lr",
+    "perf/tokens_per_s", "perf/mem_gib", "time/wait_batch", "time/fwd_bwd", "time/sync",
+    "time/step",
+)
+
+
+class MetricsLogger:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, first_step: int) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / "metrics.jsonl"
+        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+        self._bar = tqdm(total=cfg.training_steps, initial=first_step, desc="grpo", unit="step",
+                         dynamic_ncols=True, disable=None)
+        self._wandb = None
+        if cfg.use_wandb:
+            import wandb
+
+            self._wandb = wandb.init(project=cfg.wandb_project, group=cfg.wandb_group or None,
+                                     config=json.loads(cfg.to_json()), resume="allow")
+
+    def log_step(self, row: dict[str, float]) -> None:
+        finite = {k: v for k, v in row.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if len(finite) != len(row):
+            log.warning("dropping non-finite metrics: %s", sorted(set(row) - set(finite)))
+        self._file.write(json.dumps(finite) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(finite, step=int(row["step"]))
+        self._bar.update(1)
+        self._bar.set_postfix(reward=f"{row.get('reward/mean', float('nan')):.3f}")
+        log.info(
+            "step %d | reward %.3f | loss %.4f | clip %.3f/%.3f | kl %.4f | grad %.3f | "
+            "%.0f tok/s | sync %.2fs | step %.1fs",
+            row["step"], row["reward/mean"], row["loss/total"], row["loss/clipfrac_low"],
+            row["loss/clipfrac_high"], row["loss/approx_kl"], row["optim/grad_norm"],
+            row["perf/tokens_per_s"], row["time/sync"], row["time/step"],
+        )
+
+    def close(self) -> None:
+        self._bar.close()
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()

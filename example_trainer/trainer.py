@@ -1,0 +1,199 @@
+"""The training loop: fetch batch -> tensors -> micro-batch forward/backward -> clip -> step ->
+bridge.after_step -> log -> checkpoint. It never asks which weight bridge it drives."""
+
+from __future__ import annotations
+
+import logging
+import random
+import resource
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from example_trainer.api_client import ApiClient
+from example_trainer.bridges import WeightBridge, make_bridge
+from example_trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from example_trainer.config import TrainConfig, save_config
+from example_trainer.data import MicroBatch, collate, pack, rollouts_from_batch
+from example_trainer.loss import LossInputs, StepTotals, make_loss_fn, token_entropy, token_logprobs
+from example_trainer.metrics import MetricsLogger
+from example_trainer.models import resolve_model
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(cfg: TrainConfig, bridge: WeightBridge) -> tuple[nn.Module, object]:
+    """Tokenizer + the model to train, as the bridge wants it (loaded weights, or a skeleton)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(cfg.model_name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    dtype = DTYPES[cfg.dtype]
+    if bridge.needs_weights:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device())
+    else:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return bridge.attach(model), tokenizer
+
+
+def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]):
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = max(cfg.warmup_steps, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+    )
+    return optimizer, scheduler
+
+
+def sequence_logprobs(model: nn.Module, mb: MicroBatch) -> tuple[Tensor, Tensor]:
+    """(B, T-1) logprobs of the targets and per-token entropy (no grad) under `model`."""
+    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
+    with torch.no_grad():
+        entropy = token_entropy(logits)
+    return token_logprobs(logits, mb.targets), entropy
+
+
+def make_ref_fn(cfg: TrainConfig, bridge: WeightBridge, model: nn.Module
+                ) -> Callable[[MicroBatch], Tensor | None]:
+    """Reference logprobs for the KL term, or nothing when --kl-coef is 0 (picked once)."""
+    if cfg.kl_coef <= 0:
+        return lambda mb: None
+    with bridge.reference(model):
+        pass  # fail before training if the bridge has no reference policy
+
+    def ref_fn(mb: MicroBatch) -> Tensor:
+        with bridge.reference(model) as ref_model, torch.no_grad():
+            return sequence_logprobs(ref_model, mb)[0]
+
+    return ref_fn
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def train(cfg: TrainConfig, bridge: WeightBridge | None = None) -> list[dict[str, float]]:
+    """Run cfg.training_steps optimizer steps; return the metric rows of the steps run here."""
+    _seed(cfg.seed)
+    run_dir = Path(cfg.save_path)
+    save_config(cfg, run_dir / "config.json")
+    bridge = bridge or make_bridge(cfg)
+    rows: list[dict[str, float]] = []
+    try:
+        model, tokenizer = load_model(cfg, bridge)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer, scheduler = make_optimizer(cfg, params)
+        loss_fn = make_loss_fn(cfg)
+        ref_fn = make_ref_fn(cfg, bridge, model)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+
+        start = 0
+        ckpt = latest_checkpoint(run_dir) if cfg.resume else None
+        if ckpt is not None:
+            start = load_checkpoint(ckpt, model, optimizer, scheduler)
+        elif cfg.resume:
+            log.warning("--resume: no checkpoint in %s, starting from step 0", run_dir)
+        client = ApiClient(cfg.api_url)
+        client.register(cfg, starting_step=start)  # the first /batch follows at once
+        metrics = MetricsLogger(cfg, run_dir, first_step=start)
+
+        for step in range(start + 1, cfg.training_steps + 1):
+            t_step = time.monotonic()
+            batch = client.get_batch(cfg.batch_poll_timeout)
+            t_batch = time.monotonic() - t_step
+
+            rollouts = rollouts_from_batch(batch, cfg.max_token_len, cfg.scale_advantages)
+            micro = [collate(m, pad_id) for m in
+                     pack(rollouts, cfg.batch_size, cfg.micro_batch_tokens)]
+            totals = StepTotals(num_tokens=sum(mb.num_tokens for mb in micro),
+                                num_seqs=len(rollouts))
+
+            t0 = time.monotonic()
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            sums: dict[str, float] = defaultdict(float)
+            total_loss = 0.0
+            for mb in micro:
+                mb = _to(mb, device())
+                ref_logprobs = ref_fn(mb)
+                trainer_logprobs, entropy = sequence_logprobs(model, mb)
+                inference_logprobs = (mb.inference_logprobs if mb.inference_logprobs is not None
+                                      else trainer_logprobs.detach())
+                loss, m = loss_fn(LossInputs(
+                    trainer_logprobs=trainer_logprobs, inference_logprobs=inference_logprobs,
+                    advantages=mb.advantages, loss_mask=mb.loss_mask,
+                    ref_logprobs=ref_logprobs, entropy=entropy,
+                ), totals)
+                loss.backward()
+                total_loss += loss.item()  # sync point, once per micro-batch
+                n = m["loss/num_tokens"].item()
+                for k, v in m.items():
+                    if k != "loss/num_tokens":
+                        sums[k] += v.item() * n  # token-weighted across micro-batches
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+            optimizer.step()
+            scheduler.step()
+            t_fwd_bwd = time.monotonic() - t0
+
+            sync_metrics = bridge.after_step(step)
+
+            scores = torch.tensor([r.score for r in rollouts])
+            n_tokens = sum(len(r.tokens) for r in rollouts)
+            row = {
+                "step": step,
+                "loss/total": total_loss,
+                **{k: v / max(totals.num_tokens, 1) for k, v in sums.items()},
+                "reward/mean": scores.mean().item(),
+                "reward/std": scores.std().item() if len(scores) > 1 else 0.0,
+                "adv/std": float(np.std([r.advantage for r in rollouts])),
+                "optim/grad_norm": grad_norm,
+                "optim/lr": scheduler.get_last_lr()[0],
+                "perf/tokens_per_s": n_tokens / max(t_fwd_bwd, 1e-9),
+                "perf/mem_gib": _memory_gib(),
+                "time/wait_batch": t_batch,
+                "time/fwd_bwd": t_fwd_bwd,
+                **sync_metrics,
+            }
+            row["time/step"] = time.monotonic() - t_step
+            row.setdefault("loss/entropy", 0.0)
+            metrics.log_step(row)
+            rows.append(row)
+
+            if step == cfg.training_steps or (cfg.save_interval and step % cfg.save_interval == 0):
+                save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, cfg)
+        metrics.close()
+    finally:
+        bridge.close()
+    return rows
+
+
+def _to(mb: MicroBatch, dev: torch.device) -> MicroBatch:
+    if dev.type == "cpu":
+        return mb
+    return MicroBatch(**{k: (v.to(dev, non_blocking=True) if isinstance(v, Tensor) else v)
+                         for k, v in vars(mb).items()})
+
