@@ -52,8 +52,9 @@ class TrainConfig:
     scale_advantages: bool = opt(False, "divide advantages by the group's score std")
     kl_coef: float = opt(0.0, "k3 KL penalty to the reference policy (LoRA: adapters disabled; "
                          "full fine-tune: a frozen copy of the initial weights)")
-    tis_cap: float = opt(2.0, "truncated importance sampling cap on exp(trainer - inference "
-                         "logprobs) of the behaviour policy (0 = off)")
+    tis_cap: float = opt(0.0, "if > 0: PPO ratio against the trainer's own logprobs, and each "
+                         "token weighted by min(exp(trainer - inference logprobs), cap) (truncated "
+                         "importance sampling); 0: PPO ratio against the inference logprobs")
     # --- weight bridge ---
     weight_bridge_mode: str = opt("none", "how updated weights reach vLLM",
                                   choices=("none", "shared_vllm", "lora_only"))
