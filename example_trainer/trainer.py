@@ -23,6 +23,7 @@ from example_trainer.data import MicroBatch, collate, pack, rollouts_from_batch
 from example_trainer.loss import LossInputs, StepTotals, make_loss_fn, token_entropy, token_logprobs
 from example_trainer.metrics import MetricsLogger
 from example_trainer.models import resolve_model
+from example_trainer.optim import make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +50,6 @@ def load_model(cfg: TrainConfig, bridge: WeightBridge) -> tuple[nn.Module, objec
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     return bridge.attach(model), tokenizer
-
-
-def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]):
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = max(cfg.warmup_steps, 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
-    )
-    return optimizer, scheduler
 
 
 def sequence_logprobs(model: nn.Module, mb: MicroBatch) -> tuple[Tensor, Tensor]:
@@ -155,7 +147,10 @@ def train(cfg: TrainConfig, bridge: WeightBridge | None = None) -> list[dict[str
                     if k != "loss/num_tokens":
                         sums[k] += v.item() * n  # token-weighted across micro-batches
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-            optimizer.step()
+            t_fence = time.monotonic()
+            with bridge.step_fence():  # shared weights: no generation reads during the write
+                optimizer.step()
+            t_fence = time.monotonic() - t_fence
             scheduler.step()
             t_fwd_bwd = time.monotonic() - t0
 
@@ -176,6 +171,7 @@ def train(cfg: TrainConfig, bridge: WeightBridge | None = None) -> list[dict[str
                 "perf/mem_gib": _memory_gib(),
                 "time/wait_batch": t_batch,
                 "time/fwd_bwd": t_fwd_bwd,
+                "time/optim_step": t_fence,
                 **sync_metrics,
             }
             row["time/step"] = time.monotonic() - t_step

@@ -33,5 +33,10 @@ class WeightBridge(ABC):
             "--weight-bridge-mode lora_only where the base model (adapters off) is the reference"
         )
 
+    def step_fence(self) -> contextlib.AbstractContextManager:
+        """Context around optimizer.step(): a bridge whose weights vLLM reads while the
+        optimizer writes them pauses generation here."""
+        return contextlib.nullcontext()
+
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
