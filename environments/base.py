@@ -1,0 +1,341 @@
+"""A small Atropos-compatible environment base: the `serve` and `evaluate` CLI, group rollouts
+through the inference server, scoring, and POST /scored_data to the batching API.
+
+    python -m environments.arithmetic_server serve --env.group_size 8 \
+        --env.rollout_server_url http://localhost:8000 --openai.base_url http://localhost:9001
+
+Flags keep the names of atroposlib's BaseEnv CLI (`--env.<BaseEnvConfig field>`,
+`--openai.<APIServerConfig field>`, `--slurm`) so a user can switch between the two.
+A subclass supplies data and scoring: `setup`, `next_item`, `eval_items`, `messages`, `score`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import asdict
+from typing import Any
+
+import requests
+
+from environments.env_config import BaseEnvConfig, parse_cli
+from environments.inference_client import (
+    Completion,
+    InferenceClient,
+    OpenAIConfig,
+    StopRequested,
+    request_with_retry,
+)
+
+log = logging.getLogger(__name__)
+
+# Placeholder on prompt positions of inference_logprobs, as atroposlib's ManagedServer writes it.
+PROMPT_LOGPROB = 1.0
+
+
+def build_scored_group(prompt_ids: list[int], completions: list[Completion], scores: list[float],
+                       messages: list[list[dict]] | None = None) -> dict[str, Any]:
+    """One ScoredData group: tokens = prompt + completion, masks -100 on the prompt.
+
+    inference_logprobs follow atroposlib's ManagedServer (atroposlib/envs/server_handling/
+    managed_server.py, `_create_sequence_node`): one value per token of `tokens`, 1.0 as a
+    placeholder on prompt positions (never a valid logprob, and masked out by `masks` anyway),
+    the sampled token's logprob on completion positions. Omitted if any completion lacks them.
+    """
+    n_prompt = len(prompt_ids)
+    group: dict[str, Any] = {
+        "tokens": [prompt_ids + c.token_ids for c in completions],
+        "masks": [[-100] * n_prompt + c.token_ids for c in completions],
+        "scores": [float(s) for s in scores],
+    }
+    if all(c.logprobs is not None for c in completions):
+        group["inference_logprobs"] = [
+            [PROMPT_LOGPROB] * n_prompt + c.logprobs for c in completions]
+    if messages is not None:
+        group["messages"] = messages
+    return group
+
+
+class BaseEnv:
+    """Rollout workers that keep `max_num_workers` groups in flight until total_steps are posted."""
+
+    name = "env"
+    config_cls: type[BaseEnvConfig] = BaseEnvConfig
+
+    def __init__(self, config: BaseEnvConfig, openai_config: OpenAIConfig) -> None:
+        from transformers import AutoTokenizer
+
+        from example_trainer.models import resolve_model
+
+        self.config = config
+        self.openai_config = openai_config
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.tokenizer_name))
+        self.stop_event = threading.Event()
+        self.client = InferenceClient(openai_config, self.encode, self.stop_event)
+        self.env_id: int | None = None
+        self.trainer_max_token_len = -1
+        self._lock = threading.RLock()  # guards the item iterator, counters and the tokenizer
+        self._posted = 0
+        self._in_flight = 0
+        self._errors: list[BaseException] = []
+        self._wandb = None
+        self._score_jobs: queue.Queue = queue.Queue()
+
+    # ---- what a subclass provides -------------------------------------------------------------
+    def setup(self) -> None:
+        """Load or build the data (called once, before any item is drawn)."""
+
+    def next_item(self) -> Any:
+        raise NotImplementedError
+
+    def eval_items(self) -> list[Any]:
+        raise NotImplementedError
+
+    def messages(self, item: Any) -> list[dict[str, str]]:
+        raise NotImplementedError
+
+    def score(self, item: Any, completion_text: str) -> float:
+        raise NotImplementedError
+
+    # ---- prompts and groups -------------------------------------------------------------------
+    def prompt_ids(self, item: Any) -> list[int]:
+        """Chat-template the item's messages; the template brings its own special tokens."""
+        with self._lock:
+            text = self.tokenizer.apply_chat_template(
+                self.messages(item), tokenize=False, add_generation_prompt=True)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        if len(ids) >= 2 and ids[0] == ids[1] == bos:  # a template that adds BOS twice
+            ids = ids[1:]
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        with self._lock:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, token_ids: list[int]) -> str:
+        with self._lock:
+            return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def completion_budget(self, prompt_len: int) -> int:
+        limit = self.config.max_token_length
+        if self.trainer_max_token_len > 0:
+            limit = min(limit, self.trainer_max_token_len)
+        budget = limit - prompt_len
+        if self.config.max_new_tokens > 0:
+            budget = min(budget, self.config.max_new_tokens)
+        if budget < 1:
+            raise ValueError(f"prompt of {prompt_len} tokens leaves no room under max_token_length "
+                             f"{limit}; raise --env.max_token_length")
+        return budget
+
+    def collect_group(self, item: Any) -> dict[str, Any]:
+        prompt_ids = self.prompt_ids(item)
+        completions = self.client.generate(
+            prompt_ids, n=self.config.group_size,
+            max_tokens=self.completion_budget(len(prompt_ids)), temperature=self.config.temperature)
+        texts = [self.decode(c.token_ids) for c in completions]
+        scores = self.score_on_main_thread(item, texts)
+        messages = None
+        if self.config.include_messages:
+            prompt_msgs = self.messages(item)
+            messages = [[*prompt_msgs, {"role": "assistant", "content": t}] for t in texts]
+        return build_scored_group(prompt_ids, completions, scores, messages)
+
+    def score_on_main_thread(self, item: Any, texts: list[str]) -> list[float]:
+        """Scores of `texts`, computed on the main thread.
+
+        math-verify times out its parsing with SIGALRM, which only the main thread may set, so
+        rollout workers hand their groups to the serve loop (`_run_score_jobs`) and wait.
+        """
+        if threading.current_thread() is threading.main_thread():
+            return [self.score(item, t) for t in texts]
+        job: Future = Future()
+        self._score_jobs.put((job, item, texts))
+        while True:
+            try:
+                return job.result(timeout=0.5)
+            except FutureTimeout:
+                if self.stop_event.is_set():
+                    raise StopRequested from None
+
+    def _run_score_jobs(self, timeout_s: float) -> None:
+        try:
+            job, item, texts = self._score_jobs.get(timeout=timeout_s)
+        except queue.Empty:
+            return
+        try:
+            job.set_result([self.score(item, t) for t in texts])
+        except Exception as exc:  # the worker that asked re-raises it
+            job.set_exception(exc)
+
+    # ---- talking to the batching API ----------------------------------------------------------
+    def _api(self, method: str, path: str, payload: dict | None = None) -> requests.Response:
+        return request_with_retry(method, self.config.rollout_server_url.rstrip("/") + path,
+                                  f"the batching API ({path})", self.stop_event, json=payload)
+
+    def register(self) -> dict[str, Any]:
+        """POST /register-env until it answers with an env_id.
+
+        atroposlib's run-api answers 200 {"status": "wait for trainer to start"} (no env_id) until
+        the trainer's first GET /batch, so that answer means "ask again", not failure.
+        """
+        payload = {"max_token_length": self.config.max_token_length,
+                   "desired_name": self.config.wandb_name or self.name,
+                   "weight": self.config.inference_weight, "group_size": self.config.group_size,
+                   "min_batch_allocation": self.config.min_batch_allocation}
+        delay = 0.5
+        while True:
+            data = self._api("POST", "/register-env", payload).json()
+            if data.get("env_id") is not None:
+                break
+            log.info("API answered %r without env_id; waiting for the trainer", data.get("status"))
+            if self.stop_event.wait(delay):
+                raise StopRequested
+            delay = min(delay * 2, 5.0)
+        self.env_id = data["env_id"]
+        info = self._api("GET", "/info").json()
+        self.trainer_max_token_len = int(info.get("max_token_len") or -1)
+        batch_size = int(info.get("batch_size") or -1)
+        if 0 < batch_size < self.config.group_size:  # a group could never fit in one batch
+            raise ValueError(f"--env.group_size {self.config.group_size} exceeds the trainer's "
+                             f"batch size {batch_size}; lower it")
+        log.info("registered as env %s (%s); trainer max_token_len %d", self.env_id,
+                 data.get("wandb_name"), self.trainer_max_token_len)
+        return data
+
+    def post_group(self, group: dict[str, Any]) -> None:
+        """POST /scored_data; retried on 429 (queue full), 5xx and connection errors."""
+        self._api("POST", "/scored_data", {**group, "env_id": self.env_id})
+
+    # ---- the serve loop -----------------------------------------------------------------------
+    def _claim(self) -> Any | None:
+        with self._lock:
+            total = self.config.total_steps
+            if total >= 0 and self._posted + self._in_flight >= total:
+                return None
+            self._in_flight += 1
+            return self.next_item()
+
+    def _release(self, posted: bool) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            self._posted += int(posted)
+            if 0 <= self.config.total_steps <= self._posted:
+                self.stop_event.set()
+
+    def rollout_and_post(self, item: Any) -> bool:
+        group = self.collect_group(item)
+        scores = group["scores"]
+        if self.config.ensure_scores_are_not_same and len(set(scores)) == 1:
+            log.info("dropped a group whose scores are all %s", scores[0])
+            return False
+        self.post_group(group)
+        mean_len = sum(len(t) for t in group["tokens"]) / len(scores)
+        log.info("posted group %d: mean score %.3f, mean length %.1f tokens",
+                 self._posted + 1, sum(scores) / len(scores), mean_len)
+        if self._wandb is not None:
+            with self._lock:
+                self._wandb.log({"train/mean_score": sum(scores) / len(scores),
+                                 "train/seq_len": mean_len})
+        return True
+
+    def _worker(self) -> None:
+        try:
+            while not self.stop_event.is_set():
+                item = self._claim()
+                if item is None:
+                    return
+                posted = False
+                try:
+                    posted = self.rollout_and_post(item)
+                finally:
+                    self._release(posted)
+        except StopRequested:
+            return
+        except BaseException as exc:  # surface in the main thread, and stop the others
+            self._errors.append(exc)
+            self.stop_event.set()
+
+    def _init_wandb(self) -> None:
+        import wandb
+
+        info = self._api("GET", "/wandb_info").json()
+        self._wandb = wandb.init(project=info.get("project"), group=info.get("group"),
+                                 name=self.config.wandb_name or self.name,
+                                 config=asdict(self.config))
+
+    def serve(self) -> int:
+        """Register, then roll out with worker threads until total_steps groups are posted or
+        SIGTERM/SIGINT; returns the number of groups posted."""
+        previous = {sig: signal.signal(sig, lambda *_: self.stop_event.set())
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return self._serve()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _serve(self) -> int:
+        self.setup()
+        try:
+            self.register()
+        except StopRequested:
+            log.info("stopped before registering")
+            return 0
+        if self.config.use_wandb:
+            self._init_wandb()
+        # Daemon threads: on SIGTERM we return at once, without waiting out a long generation.
+        workers = [threading.Thread(target=self._worker, name=f"rollout-{i}", daemon=True)
+                   for i in range(self.config.max_num_workers)]
+        for w in workers:
+            w.start()
+        while not self.stop_event.is_set() and any(w.is_alive() for w in workers):
+            self._run_score_jobs(timeout_s=0.5)
+        self.stop_event.set()
+        for w in workers:
+            w.join(timeout=2.0 if self._in_flight else 30.0)
+        if self._errors:
+            raise self._errors[0]
+        log.info("stopped after posting %d groups", self._posted)
+        return self._posted
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, Any]:
+        """Greedy (temperature 0, n=1) accuracy on eval_items(), requests in parallel."""
+        self.setup()
+        items = self.eval_items()
+
+        def generate(item: Any) -> str:
+            prompt_ids = self.prompt_ids(item)
+            (completion,) = self.client.generate(
+                prompt_ids, n=1, max_tokens=self.completion_budget(len(prompt_ids)),
+                temperature=0.0)
+            return self.decode(completion.token_ids)
+
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(self.config.max_eval_workers) as pool:
+            texts = list(pool.map(generate, items))
+        scores = [self.score(item, text) for item, text in zip(items, texts, strict=True)]
+        correct = sum(1 for s in scores if s >= 1.0)
+        return {"task": self.name, "accuracy": correct / max(len(scores), 1), "correct": correct,
+                "total": len(scores), "seconds": round(time.monotonic() - t0, 2)}
+
+    @classmethod
+    def cli(cls, argv: list[str] | None = None) -> None:
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        command, env_config, openai_config = parse_cli(cls.config_cls, argv, prog=cls.name)
+        env = cls(env_config, openai_config)
+        if command == "serve":
+            env.serve()
+        else:
+            print(json.dumps(env.evaluate()))  # noqa: T201 - the accuracy line is this CLI's output
+        sys.exit(0)

@@ -1,0 +1,119 @@
+"""The --env.* config every environment shares, and the `serve|evaluate` command line that maps
+`--env.<field>` / `--openai.<field>` flags onto config dataclasses (atroposlib's flag names).
+"""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from environments.inference_client import OpenAIConfig
+
+
+def config_field(default: Any, help: str) -> Any:  # noqa: A002 - argparse's word
+    """A dataclass field whose help text becomes the flag's --help."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class BaseEnvConfig:
+    """The --env.* flags every environment shares (names from atroposlib's BaseEnvConfig)."""
+
+    tokenizer_name: str = config_field(
+        "smollm2", "HF tokenizer whose chat template builds prompts; smollm2/tiny: local models")
+    group_size: int = config_field(
+        4, "completions per prompt, generated in one request and posted as one group")
+    batch_size: int = config_field(
+        -1, "trainer batch size in sequences (informational; the trainer sets it)")
+    max_token_length: int = config_field(
+        2048, "max tokens per sequence (prompt + completion); sent to /register-env")
+    max_new_tokens: int = config_field(
+        -1, "max completion tokens; -1: whatever max_token_length leaves")
+    temperature: float = config_field(1.0, "sampling temperature of training rollouts")
+    total_steps: int = config_field(
+        1000, "stop after this many groups are posted; -1: run until SIGTERM")
+    rollout_server_url: str = config_field(
+        "http://localhost:8000", "the batching API (atroposlib run-api compatible)")
+    use_wandb: bool = config_field(
+        False, "log per-group reward to wandb (project and group from GET /wandb_info)")
+    wandb_name: str | None = config_field(
+        None, "desired_name at /register-env and the wandb run name")
+    seed: int = config_field(0, "seed of the training data order (problems, shuffles)")
+    max_num_workers: int = config_field(
+        4, "groups in flight at once, so the inference server sees batched work")
+    max_eval_workers: int = config_field(16, "concurrent requests of the evaluate subcommand")
+    inference_weight: float = config_field(1.0, "weight of this env in the API's batch mix")
+    min_batch_allocation: float | None = config_field(
+        None, "min share of each batch for this env (0..1)")
+    # NOTE: atroposlib's BaseEnvConfig defaults this to True (handle_send_to_api drops such groups).
+    # We keep them by default: a small model on a fresh task yields many all-zero groups, and the
+    # trainer already gives them zero advantage; the trainer's batch then fills at a steady pace.
+    ensure_scores_are_not_same: bool = config_field(
+        False, "drop groups whose scores are all equal")
+    include_messages: bool = config_field(
+        False, "send the chat messages (prompt + completion) with each group")
+
+def _field_type(cls: type, name: str) -> type:
+    """The concrete type of a dataclass field (`X | None` -> X)."""
+    hint = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _str2bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "y", "on"):
+        return True
+    if lowered in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _optional(typ: type):
+    def convert(text: str):
+        return None if text.lower() in ("none", "null") else typ(text)
+
+    convert.__name__ = typ.__name__  # argparse names the type in its error messages
+    return convert
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str) -> None:
+    """One `--<prefix>.<field>` flag per dataclass field; unset flags keep the field default."""
+    for f in fields(cls):
+        typ = _field_type(cls, f.name)
+        kwargs: dict[str, Any] = {"dest": f"{prefix}.{f.name}", "default": argparse.SUPPRESS,
+                                  "help": f"{f.metadata.get('help', '')} (default: {f.default})"}
+        if typ is bool:  # `--env.use_wandb` alone means true, as with atroposlib's CLI
+            kwargs.update(type=_str2bool, nargs="?", const=True, metavar="BOOL")
+        elif "choices" in f.metadata:
+            kwargs.update(type=typ, choices=f.metadata["choices"])
+        else:
+            kwargs.update(type=_optional(typ), metavar=f.name.upper())
+        parser.add_argument(f"--{prefix}.{f.name}", **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, cls: type, prefix: str) -> Any:
+    given = {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith(prefix + ".")}
+    return cls(**given)
+
+
+def parse_cli(env_config_cls: type, argv: list[str] | None = None, prog: str | None = None,
+              ) -> tuple[str, Any, OpenAIConfig]:
+    """Parse `serve|evaluate --env.* --openai.* [--slurm false]` into (command, env, openai)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("serve", "generate, score and post groups to the API"),
+                            ("evaluate", "print greedy accuracy of the served model")):
+        p = sub.add_parser(name, help=help_text)
+        add_config_flags(p, env_config_cls, "env")
+        add_config_flags(p, OpenAIConfig, "openai")
+        p.add_argument("--slurm", type=_str2bool, nargs="?", const=True, default=False,
+                       help="accepted for atroposlib compatibility; only false is supported")
+    args = parser.parse_args(argv)
+    if args.slurm:
+        parser.error("--slurm true is not supported: start one env per node instead")
+    return (args.command, config_from_args(args, env_config_cls, "env"),
+            config_from_args(args, OpenAIConfig, "openai"))
