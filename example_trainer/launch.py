@@ -49,14 +49,14 @@ PRESETS = {
                       "--lora-r", "16", "--lora-alpha", "32", "--dtype", "bfloat16"),
         vllm_args=("--enable-lora", "--max-lora-rank", "16", "--gpu-memory-utilization", "0.2",
                    "--max-model-len", "512", "--dtype", "bfloat16"),
-        env_args=("--env.max_token_length", "64", "--env.difficulty", "2"),
+        env_args=("--env.max_new_tokens", "32", "--env.difficulty", "2"),
     ),
     # One GPU shared by vLLM and the trainer: single copy of the weights.
     "gpu": Preset(
         model="smollm2", bridge="shared_vllm", steps=60, group_size=8, prompts_per_step=8,
         lr=1e-5, trainer_args=("--batch-size", "64"),
         vllm_args=("--gpu-memory-utilization", "0.4", "--max-model-len", "512"),
-        env_args=("--env.max_token_length", "64", "--env.difficulty", "2"),
+        env_args=("--env.max_new_tokens", "32", "--env.difficulty", "2"),
         vllm_env={"VLLM_ENABLE_SHARED_WEIGHTS": "1"},
     ),
 }
@@ -95,7 +95,7 @@ def evaluate(vllm_url: str, tokenizer: str, n: int, label: str, run_dir: Path) -
     proc = ManagedProcess.python(
         f"eval_{label}", ["-m", "environments.arithmetic_server", "evaluate",
                           "--openai.base_url", vllm_url, "--env.tokenizer_name", tokenizer,
-                          "--env.eval_size", str(n), "--env.difficulty", "2"], out)
+                          "--env.eval_limit", str(n), "--env.difficulty", "2"], out)
     code = proc.popen.wait()
     proc.stop()
     match = re.search(r"accuracy[^0-9]*([0-9.]+)", proc.log_tail())
