@@ -42,7 +42,11 @@ class TrainConfig:
     warmup_steps: int = opt(0, "linear warmup steps, then constant")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "clip the global grad norm to this (0 = off)")
-    optimizer: str = opt("adamw", "optimizer", choices=("adamw",))
+    optimizer: str = opt("adamw", "adamw: torch AdamW in the weights' dtype (bf16 drops steps "
+                         "below half an ulp); adamw_fp32_master: AdamW on fp32 master copies, "
+                         "weights = their rounding; adamw_kahan: torch-optimi AdamW with Kahan "
+                         "summation (bf16 state + compensation)",
+                         choices=("adamw", "adamw_fp32_master", "adamw_kahan"))
     seed: int = opt(0, "random seed (torch, python)")
     # --- GRPO loss ---
     clip_eps_low: float = opt(0.2, "PPO clip: ratio >= 1 - eps_low")
@@ -59,6 +63,8 @@ class TrainConfig:
     weight_bridge_mode: str = opt("none", "how updated weights reach vLLM",
                                   choices=("none", "shared_vllm", "lora_only"))
     single_copy: bool = opt(False, "alias for --weight-bridge-mode shared_vllm")
+    hogwild: bool = opt(False, "shared_vllm: do not pause generation while the optimizer "
+                        "writes the shared weights (faster; requests may read torn weights)")
     vllm_config_path: str = opt("", "vllm_bridge_config.json (shared_vllm); searched in $LOGDIR, "
                                 "./ and /tmp/atropos_bridge when empty")
     vllm_port: int = opt(9001, "port of the inference server")

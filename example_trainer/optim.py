@@ -1,16 +1,114 @@
-"""Optimizer and LR schedule, picked once from the config."""
+"""Optimizer and LR schedule, picked once from the config.
+
+Why three AdamWs: with bf16 weights (shared_vllm trains vLLM's own bf16 tensors) an update
+smaller than half an ulp of the weight rounds back to the old value. At |w| ~ 0.5-1 an ulp is
+2^-9 ~ 0.002, so a step of lr=1e-5 is lost entirely and plain AdamW stops learning. Two fixes:
+- adamw_fp32_master: AdamW runs on fp32 master copies (torch's own functional adam, so the math
+  is torch's); the bf16 weight is the master's round-to-nearest after every step. Exact up to that
+  one rounding; costs 12 bytes/param of state (master + two fp32 moments).
+- adamw_kahan: torch-optimi's AdamW with Kahan summation: the rounding error of each bf16 update
+  is kept in a bf16 compensation buffer and added back next step. 6 bytes/param of state.
+  (torchao's bf16 stochastic rounding was the other candidate; in torchao 0.18 the plain AdamW
+  is private (`_AdamW`) and compiles its step with torch.compile, so we chose torch-optimi, a
+  pure-PyTorch package.)
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Any
+
 import torch
 from torch import nn
+from torch.optim.adam import adam
 
 from example_trainer.config import TrainConfig
 
 
+class MasterWeightAdamW(torch.optim.Optimizer):
+    """AdamW on fp32 master weights; the (low-precision) parameters receive their rounding.
+
+    State per parameter: master (fp32), exp_avg, exp_avg_sq (fp32), step, all in state_dict().
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    def _init_state(self, p: nn.Parameter) -> dict[str, torch.Tensor]:
+        state = self.state[p]
+        if not state:
+            state["master"] = p.detach().to(torch.float32, copy=True)
+            state["exp_avg"] = torch.zeros_like(state["master"])
+            state["exp_avg_sq"] = torch.zeros_like(state["master"])
+            state["step"] = torch.tensor(0.0)  # on the CPU, as torch's non-capturable Adam keeps it
+        return state
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            states = [self._init_state(p) for p in params]
+            masters = [s["master"] for s in states]
+            beta1, beta2 = group["betas"]
+            adam(masters, [p.grad.to(torch.float32) for p in params],
+                 [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+                 [s["step"] for s in states], decoupled_weight_decay=True, amsgrad=False,
+                 beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+                 eps=group["eps"], maximize=False)
+            # One rounding per step, from the exact fp32 value: no error accumulates.
+            torch._foreach_copy_(params, masters)
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # NOTE: Optimizer.load_state_dict casts floating state to each parameter's dtype; that
+        # would round the fp32 masters and moments to bf16 on resume. Put the fp32 values back.
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        for group_sd, group in zip(state_dict["param_groups"], self.param_groups, strict=True):
+            for idx, p in zip(group_sd["params"], group["params"], strict=True):
+                for key, value in saved.get(idx, {}).items():
+                    if key != "step":
+                        self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
+
+
+def _adamw(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _adamw_fp32_master(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    return MasterWeightAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _adamw_kahan(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    try:
+        import optimi
+    except ImportError as e:
+        raise ImportError("--optimizer adamw_kahan needs torch-optimi: "
+                          "pip install torch-optimi") from e
+    # torch's AdamW defaults for betas and eps (optimi's own are 0.99 and 1e-6), so that the
+    # three choices differ only in how the update meets the weight.
+    return optimi.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+                        weight_decay=cfg.weight_decay, kahan_sum=True)
+
+
+OPTIMIZERS: dict[str, Callable[[TrainConfig, list[nn.Parameter]], torch.optim.Optimizer]] = {
+    "adamw": _adamw,
+    "adamw_fp32_master": _adamw_fp32_master,
+    "adamw_kahan": _adamw_kahan,
+}
+
+
 def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]
                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = OPTIMIZERS[cfg.optimizer](cfg, params)
     warmup = max(cfg.warmup_steps, 0)
     # Linear warmup to the peak lr, then constant.
     scheduler = torch.optim.lr_scheduler.LambdaLR(

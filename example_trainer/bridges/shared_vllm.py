@@ -1,0 +1,178 @@
+"""shared_vllm bridge: one copy of the weights, owned by vLLM, trained in place.
+
+attach() finds the live vllm_bridge_config.json (written by vllm_patching in vLLM's worker),
+rebuilds vLLM's tensors from their CUDA IPC (or CPU shared memory) handles and binds the meta
+skeleton's parameters as views into them. optimizer.step() then writes vLLM's memory directly:
+the sync is free. What is not free is safety: step_fence() pauses generation around the write
+(POST /pause?mode=keep&clear_cache=true, then /resume), so no forward pass reads half-updated
+weights and no prefix-cache block computed with the old weights is reused. --hogwild skips it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import requests
+import torch
+from torch import nn
+
+from example_trainer.bridges import shared_tensors
+from example_trainer.bridges.base import WeightBridge
+from example_trainer.config import TrainConfig
+from example_trainer.models import resolve_model
+from vllm_patching import bridge_config
+from vllm_patching.mapping import MappingError
+
+log = logging.getLogger(__name__)
+
+TRAINER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def check_bridge_config(config: dict[str, Any], cfg: TrainConfig) -> None:
+    """Refuse what single copy cannot train, with the fix, before any handle is opened."""
+    hf = config.get("hf_config") or {}
+    checks = [
+        (config["shared_weights_enabled"] and config["single_copy_enabled"],
+         "the config says shared weights are disabled: restart vLLM with "
+         "VLLM_ENABLE_SHARED_WEIGHTS=1"),
+        (config["tp_degree"] == 1 and config.get("pp_degree", 1) == 1,
+         f"vLLM runs with tensor/pipeline parallel degree {config['tp_degree']}/"
+         f"{config.get('pp_degree', 1)}: shared_vllm needs 1/1 (each rank would hold a shard): "
+         "restart vLLM with --tensor-parallel-size 1, or use lora_only / none"),
+        (not config["quantization"] and not hf.get("quantization_config"),
+         f"vLLM serves a quantized model ({config['quantization'] or 'quantization_config'}): "
+         "its weights cannot be trained in place; serve the unquantized checkpoint"),
+        (config["dtype"] == str(TRAINER_DTYPES[cfg.dtype]),
+         f"vLLM serves {config['dtype']} weights but --dtype is {cfg.dtype}: pass --dtype "
+         f"{config['dtype'].removeprefix('torch.')} (one copy has one dtype; use "
+         "--optimizer adamw_fp32_master or adamw_kahan for precise bf16 updates)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise MappingError(f"shared_vllm cannot attach: {message}")
+
+
+def _memory() -> tuple[int, int]:
+    """(bytes this process allocated, bytes in use on the device) now."""
+    if not torch.cuda.is_available():
+        return 0, 0
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    return torch.cuda.memory_allocated(), total - free
+
+
+class SharedVllmBridge(WeightBridge):
+    needs_weights = False  # the trainer builds a meta skeleton; attach binds vLLM's tensors
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.http = requests.Session()  # keep-alive: the fence is two round trips per step
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.ref_model: nn.Module | None = None
+        self.config_path = ""
+        self.attach_stats: dict[str, float] = {}
+        self._fence_metrics: dict[str, float] = {}
+        self._warned_hogwild = False
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        t0 = time.perf_counter()
+        path, config = bridge_config.find_live(self.cfg.vllm_config_path or None,
+                                               self.cfg.logdir or None)
+        check_bridge_config(config, self.cfg)
+        if config["model"] != resolve_model(self.cfg.model_name):
+            log.warning("vLLM serves %s, the trainer was given %s: shapes are checked next",
+                        config["model"], self.cfg.model_name)
+        alloc0, used0 = _memory()
+        self.tensors = shared_tensors.rebuild_all(config)
+        device = next(iter(self.tensors.values())).device
+        bound = shared_tensors.bind_views(model, config["param_mappings"], self.tensors)
+        buffers = shared_tensors.materialize_buffers(model, device)
+        shared_tensors.check_materialized(model)
+        alloc1, used1 = _memory()
+        self.config_path = str(path)
+        self.attach_stats = {"attach/seconds": time.perf_counter() - t0,
+                             "attach/weight_bytes": float(bound),
+                             "attach/allocated_bytes": float(alloc1 - alloc0),
+                             "attach/device_used_bytes": float(used1 - used0)}
+        log.info("shared_vllm: bound %d parameters (%.1f MiB of vLLM's %s memory, %s) from %s "
+                 "in %.2f s; computed buffers %s; this process allocated %+.1f MiB",
+                 len(list(model.parameters())), bound / 2**20, config["transport"], device,
+                 path, self.attach_stats["attach/seconds"], buffers, (alloc1 - alloc0) / 2**20)
+        self._check_server()
+        if self.cfg.kl_coef > 0:
+            # NOTE: a frozen reference is a second copy of the weights, in trainer memory; it
+            # exists only when the KL term is asked for.
+            self.ref_model = self._load_reference(device)
+        return model
+
+    def _load_reference(self, device: torch.device) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        ref = AutoModelForCausalLM.from_pretrained(resolve_model(self.cfg.model_name),
+                                                   dtype=TRAINER_DTYPES[self.cfg.dtype])
+        return ref.to(device).eval().requires_grad_(False)
+
+    def _check_server(self) -> None:
+        if self.cfg.hogwild:
+            return
+        url = f"{self.cfg.vllm_url}/is_paused"
+        try:
+            self.http.get(url, timeout=10).raise_for_status()
+        except requests.RequestException as e:
+            raise ConnectionError(
+                f"shared_vllm fences optimizer steps with {self.cfg.vllm_url}/pause and /resume, "
+                f"but {url} failed ({e}): point --vllm-host/--vllm-port at the server that "
+                "exported the weights (ours, or `vllm serve` with VLLM_SERVER_DEV_MODE=1), or "
+                "pass --hogwild to train without a fence") from e
+
+    def _post(self, route: str, **params: str) -> float:
+        t0 = time.perf_counter()
+        resp = self.http.post(f"{self.cfg.vllm_url}{route}", params=params, timeout=60)
+        if resp.status_code != 200:
+            raise RuntimeError(f"{route} failed ({resp.status_code}): {resp.text[:300]}")
+        return time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def step_fence(self) -> Iterator[None]:
+        """Generation is paused while the optimizer writes vLLM's weights (unless --hogwild)."""
+        if self.cfg.hogwild:
+            if not self._warned_hogwild:
+                log.warning("--hogwild: optimizer steps write vLLM's weights while it generates; "
+                            "a request may read half-updated weights")
+                self._warned_hogwild = True
+            self._fence_metrics = {"sync/pause_s": 0.0, "sync/resume_s": 0.0}
+            yield
+            return
+        t_pause = self._post("/pause", mode="keep", clear_cache="true")
+        t0 = time.perf_counter()
+        try:
+            yield
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # the step's kernels must finish before vLLM reads
+        finally:
+            t_write = time.perf_counter() - t0
+            t_resume = self._post("/resume")
+        self._fence_metrics = {"sync/pause_s": t_pause, "sync/resume_s": t_resume,
+                               "sync/stall_s": t_pause + t_write + t_resume}
+
+    def after_step(self, step: int) -> dict[str, float]:
+        # No copy to make: the step already wrote vLLM's memory. The sync cost is the fence.
+        m = dict(self._fence_metrics)
+        m["time/sync"] = m.get("sync/pause_s", 0.0) + m.get("sync/resume_s", 0.0)
+        return m
+
+    @contextlib.contextmanager
+    def reference(self, model: nn.Module) -> Iterator[nn.Module]:
+        if self.ref_model is None:
+            with super().reference(model) as ref:
+                yield ref
+            return
+        yield self.ref_model
+
+    def close(self) -> None:
+        self.http.close()
+        self.tensors = {}

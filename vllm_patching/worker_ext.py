@@ -1,0 +1,55 @@
+"""Worker extension for our inference server: `--worker-extension-cls` mixes this class into
+vLLM's worker, and the server asks for the export with `collective_rpc("export_shared_weights")`
+once the engine is up (vLLM's sanctioned door: no patch needed for the export itself).
+
+Importing this module (vLLM does so in the worker before it loads the model) installs the CPU
+GEMM patch when VLLM_ENABLE_SHARED_WEIGHTS=1: on the CPU build it has to be in place before the
+weights are loaded. The load_model hook is left to the plugin, so the two doors stay separate;
+if both are active, the export is still done once (it is idempotent per worker).
+"""
+
+from __future__ import annotations
+
+import logging
+from argparse import Namespace
+from typing import Any
+
+from vllm_patching import bridge_config
+from vllm_patching.plugin import install_patches
+
+log = logging.getLogger(__name__)
+
+EXTENSION = f"{__name__}.SharedWeightsWorkerExtension"
+
+install_patches(load_model_hook=False)
+
+
+class SharedWeightsWorkerExtension:
+    """Methods added to vLLM's Worker (called through collective_rpc, once per worker)."""
+
+    def export_shared_weights(self, force: bool = False) -> str:
+        from vllm_patching.export import export
+
+        return export(self, force=force)
+
+
+def configure_server_args(args: Namespace) -> None:
+    """Our server: ask vLLM to mix in the extension when shared weights are enabled."""
+    if not bridge_config.shared_weights_enabled():
+        return
+    current = getattr(args, "worker_extension_cls", "")
+    if current and current != EXTENSION:
+        log.warning("--worker-extension-cls %s is set: shared weights rely on the grpo_bridge "
+                    "plugin's load_model hook instead of %s", current, EXTENSION)
+        return
+    args.worker_extension_cls = EXTENSION
+
+
+async def export_from_server(engine_client: Any, args: Namespace) -> list[str]:
+    """Ask every worker to export; returns the paths written (rank 0 writes, others '')."""
+    if (not bridge_config.shared_weights_enabled()
+            or getattr(args, "worker_extension_cls", "") != EXTENSION):
+        return []
+    paths = [p for p in await engine_client.collective_rpc("export_shared_weights") if p]
+    log.info("shared weights exported: %s", paths)
+    return paths
