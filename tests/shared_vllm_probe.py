@@ -1,0 +1,88 @@
+"""What the shared_vllm tests (CPU integration and GPU) measure: the same tokens through vLLM's
+HTTP API and through the trainer's HF model bound to vLLM's memory."""
+
+from __future__ import annotations
+
+import requests
+import torch
+from torch import nn
+
+from example_trainer.bridges.shared_vllm import SharedVllmBridge
+from example_trainer.config import TrainConfig
+from example_trainer.trainer import load_model
+
+# "What is 12 + 7? Answer with the number only." in SmolLM2's tokenizer would do as well; any
+# fixed ids work, and fixed ids keep the test independent of chat templates.
+PROMPT_IDS = [1, 4093, 314, 216, 28, 284, 34, 47, 2, 1780, 314, 3425, 30, 216, 33, 34, 1232]
+
+
+def attach(model_path: str, vllm_url: str, config_path: str, **over) -> tuple[nn.Module,
+                                                                             SharedVllmBridge]:
+    host, port = vllm_url.removeprefix("http://").rsplit(":", 1)
+    cfg = TrainConfig(model_name=str(model_path), weight_bridge_mode="shared_vllm",
+                      vllm_host=host, vllm_port=int(port), vllm_config_path=str(config_path),
+                      dtype="bfloat16", **over)
+    bridge = SharedVllmBridge(cfg)
+    model, _ = load_model(cfg, bridge)
+    return model.eval(), bridge
+
+
+def vllm_prompt_logprobs(url: str, ids: list[int]) -> torch.Tensor:
+    """(T-1,) logprob of each prompt token after its prefix, from our server's /generate."""
+    resp = requests.post(f"{url}/generate", json={
+        "prompt": {"prompt_token_ids": ids}, "max_tokens": 1, "temperature": 0.0,
+        "prompt_logprobs": 0}, timeout=120)
+    resp.raise_for_status()
+    # Each position is [{"<prompt token id>": logprob, ...}], the prompt token first.
+    return torch.tensor([next(iter(pos[0].values()))
+                         for pos in resp.json()["prompt_logprobs"][1:]])
+
+
+def vllm_greedy_token(url: str, ids: list[int], model_name: str | None = None) -> int:
+    """vLLM's greedy next token through the OpenAI route (works on stock `vllm serve` too)."""
+    model_name = model_name or requests.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+    resp = requests.post(f"{url}/v1/completions", json={
+        "model": model_name, "prompt": ids, "max_tokens": 1, "temperature": 0.0, "logprobs": 0,
+        "return_tokens_as_token_ids": True}, timeout=120)
+    resp.raise_for_status()
+    return int(resp.json()["choices"][0]["logprobs"]["tokens"][0].removeprefix("token_id:"))
+
+
+@torch.no_grad()
+def hf_logits(model: nn.Module, ids: list[int]) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return model(input_ids=torch.tensor([ids], device=device)).logits[0].float()  # (T, V)
+
+
+def hf_prompt_logprobs(model: nn.Module, ids: list[int]) -> torch.Tensor:
+    logp = torch.log_softmax(hf_logits(model, ids)[:-1], dim=-1)
+    return logp.gather(-1, torch.tensor(ids[1:], device=logp.device)[:, None])[:, 0].cpu()
+
+
+def snapshot(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def restore(model: nn.Module, saved: list[torch.Tensor], bridge: SharedVllmBridge) -> None:
+    with bridge.step_fence(), torch.no_grad():
+        for p, s in zip(model.parameters(), saved, strict=True):
+            p.copy_(s)
+
+
+def train_until_greedy_is(model: nn.Module, bridge: SharedVllmBridge, ids: list[int],
+                          target: int, max_steps: int = 30, lr: float = 1e-3) -> int:
+    """Adam steps (each inside the bridge's fence) on -log p(target | ids) until the HF model's
+    greedy next token is `target`; returns the steps taken."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    device = next(model.parameters()).device
+    x = torch.tensor([ids], device=device)
+    for step in range(1, max_steps + 1):
+        logits = model(input_ids=x).logits[0, -1].float()
+        loss = -torch.log_softmax(logits, -1)[target]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with bridge.step_fence():
+            opt.step()
+        if int(hf_logits(model, ids)[-1].argmax()) == target:
+            return step
+    raise AssertionError(f"greedy token did not become {target} in {max_steps} steps")

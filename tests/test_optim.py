@@ -1,0 +1,95 @@
+"""bf16-safe updates: 1,000 steps of a tiny lr must move bf16 weights as they move in fp32, and
+every optimizer's state must survive a checkpoint round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import pytest
+import torch
+
+from example_trainer.config import TrainConfig
+from example_trainer.optim import OPTIMIZERS, make_optimizer
+
+STEPS, LR, N = 1000, 1e-5, 4096
+ULP = 2.0**-9  # bf16 spacing in [0.5, 1): the weights below live there
+
+
+def grads(step: int) -> torch.Tensor:
+    """Noisy gradients with a steady sign per element, identical for every optimizer (bf16)."""
+    g = torch.Generator().manual_seed(step)
+    sign = torch.where(torch.arange(N) % 2 == 0, 1.0, -1.0)
+    return (sign * (1.0 + 0.5 * torch.randn(N, generator=g))).to(torch.bfloat16)
+
+
+def initial() -> torch.Tensor:
+    return (0.5 + 0.49 * torch.rand(N, generator=torch.Generator().manual_seed(1))).to(
+        torch.bfloat16)
+
+
+def run(name: str, dtype: torch.dtype, steps: int = STEPS) -> torch.Tensor:
+    cfg = TrainConfig(optimizer=name, lr=LR, weight_decay=0.0)
+    p = torch.nn.Parameter(initial().to(dtype))
+    opt, _ = make_optimizer(cfg, [p])
+    for s in range(steps):
+        p.grad = grads(s).to(dtype)
+        opt.step()
+    return p.detach().float()
+
+
+@pytest.fixture(scope="module")
+def fp32_reference() -> torch.Tensor:
+    return run("adamw", torch.float32)
+
+
+def test_plain_bf16_adamw_loses_tiny_steps(fp32_reference):
+    moved_fp32 = (fp32_reference - initial().float()).abs().mean().item()
+    moved_bf16 = (run("adamw", torch.bfloat16) - initial().float()).abs().mean().item()
+    assert moved_fp32 > 0.8 * STEPS * LR  # Adam moves ~lr per step: about 4.5 ulps in total
+    assert moved_bf16 < 0.01 * moved_fp32  # each 1e-5 step is under half an ulp: all rounded away
+
+
+@pytest.mark.parametrize("name", ["adamw_fp32_master", "adamw_kahan"])
+def test_bf16_updates_track_fp32(name, fp32_reference):
+    w0 = initial().float()
+    w = run(name, torch.bfloat16)
+    best = fp32_reference.to(torch.bfloat16).float()  # the closest bf16 can get to fp32
+    # Every weight ends within one bf16 ulp of where fp32 took it (after ~4.5 ulps of travel)...
+    assert (w - fp32_reference).abs().max().item() <= ULP * 1.001
+    # ... and on average as far as fp32's own rounding: the travel is not lost or biased.
+    mean_travel, best_travel = (w - w0).abs().mean().item(), (best - w0).abs().mean().item()
+    assert abs(mean_travel - best_travel) < 0.1 * ULP
+    assert ((w - w0).abs() > 3 * ULP).float().mean().item() > 0.99
+    if name == "adamw_fp32_master":
+        # Its weights are the round-to-nearest of an fp32 AdamW run: equal to fp32's rounding.
+        assert (w == best).float().mean().item() > 0.999
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_state_survives_a_checkpoint(name):
+    cfg = TrainConfig(optimizer=name, lr=1e-3, weight_decay=0.01)
+    a = torch.nn.Parameter(initial())
+    opt_a, _ = make_optimizer(cfg, [a])
+    for s in range(5):
+        a.grad = grads(s)
+        opt_a.step()
+    buf = io.BytesIO()
+    torch.save({"param": a.detach().clone(), "optimizer": opt_a.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+    b = torch.nn.Parameter(saved["param"])
+    opt_b, _ = make_optimizer(cfg, [b])
+    opt_b.load_state_dict(saved["optimizer"])
+    for s in range(5, 10):
+        a.grad, b.grad = grads(s), grads(s)
+        opt_a.step()
+        opt_b.step()
+    assert torch.equal(a, b)
+    if name == "adamw_fp32_master":
+        assert opt_b.state[b]["master"].dtype == torch.float32  # not rounded to bf16 on load
+
+
+def test_every_config_choice_has_an_optimizer():
+    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == "optimizer")
+    assert set(field.metadata["choices"]) == set(OPTIMIZERS)

@@ -1,0 +1,115 @@
+"""shared_vllm end to end on vLLM's CPU build: the same bridge code as on a GPU, with CPU shared
+memory in place of CUDA IPC (vllm_patching keeps vLLM's plain weights there, see plugin.py).
+Real servers: ours (worker-extension door) and stock `vllm.entrypoints.openai.api_server`
+(plugin door, VLLM_PLUGINS=grpo_bridge)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+from example_trainer.process import ManagedProcess, free_port
+from example_trainer.trainer import train
+from tests.conftest import VLLM_CPU_ARGS, start_vllm_server
+from tests.shared_vllm_probe import (
+    PROMPT_IDS,
+    attach,
+    hf_logits,
+    hf_prompt_logprobs,
+    restore,
+    snapshot,
+    train_until_greedy_is,
+    vllm_greedy_token,
+    vllm_prompt_logprobs,
+)
+from tests.test_bridges_integration import start_env, trainer_cfg
+from vllm_patching import bridge_config
+
+pytestmark = pytest.mark.integration
+SHARED_ENV = {"VLLM_ENABLE_SHARED_WEIGHTS": "1"}
+
+
+@pytest.fixture(scope="module")
+def shared_server(smollm2_model, tmp_path_factory) -> Iterator[tuple[str, str]]:
+    """Our server on SmolLM2 exporting its weights; yields (url, bridge config path)."""
+    logdir = tmp_path_factory.mktemp("shared_cpu")
+    proc, url = start_vllm_server(smollm2_model, logdir / "vllm.log", ["--dtype", "bfloat16"],
+                                  env={**SHARED_ENV, "LOGDIR": str(logdir)})
+    yield url, str(logdir / bridge_config.CONFIG_NAME)
+    proc.stop()
+
+
+def test_parity_and_visibility_on_cpu(smollm2_model, shared_server):
+    url, config_path = shared_server
+    model, bridge = attach(smollm2_model, url, config_path)
+    # No copy: every parameter lives in one of vLLM's tensors (shared memory files).
+    assert all(p.untyped_storage().is_shared() for p in model.parameters())
+    assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) == len(
+        bridge.tensors)
+    diff = (vllm_prompt_logprobs(url, PROMPT_IDS) - hf_prompt_logprobs(model, PROMPT_IDS)).abs()
+    print(f"cpu parity: max abs logprob diff {diff.max():.4f}, mean {diff.mean():.4f}")
+    assert diff.max() < 0.1 and diff.mean() < 0.02
+
+    saved = snapshot(model)
+    before = vllm_greedy_token(url, PROMPT_IDS)
+    assert before == int(hf_logits(model, PROMPT_IDS)[-1].argmax())
+    target = int(hf_logits(model, PROMPT_IDS)[-1].topk(2).indices[1])  # the runner-up
+    steps = train_until_greedy_is(model, bridge, PROMPT_IDS, target)
+    # No copy, no reload: vLLM's next request already computes with the trainer's update.
+    assert vllm_greedy_token(url, PROMPT_IDS) == target
+    after = (vllm_prompt_logprobs(url, PROMPT_IDS) - hf_prompt_logprobs(model, PROMPT_IDS)).abs()
+    assert after.max() < 0.1
+    print(f"cpu visibility: greedy token {before} -> {target} after {steps} fenced steps; "
+          f"fence {bridge.after_step(steps)}")
+    restore(model, saved, bridge)
+    assert vllm_greedy_token(url, PROMPT_IDS) == before
+    bridge.close()
+
+
+def test_grpo_trains_vllm_weights_in_place(smollm2_model, shared_server, api_server, tmp_path):
+    url, config_path = shared_server
+    port = int(url.rsplit(":", 1)[1])
+    before = vllm_prompt_logprobs(url, PROMPT_IDS)
+    env = start_env(tmp_path, api_server, url, smollm2_model)
+    try:
+        rows = train(trainer_cfg(smollm2_model, tmp_path, api_server, port,
+                                 "--weight-bridge-mode", "shared_vllm", "--training-steps", "2",
+                                 "--vllm-config-path", config_path, "--lr", "1e-4",
+                                 "--optimizer", "adamw_fp32_master"))
+    finally:
+        env.stop()
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["sync/pause_s"] > 0 and r["sync/resume_s"] > 0 for r in rows)
+    assert all(r["time/sync"] == pytest.approx(r["sync/pause_s"] + r["sync/resume_s"])
+               for r in rows)
+    assert max(r["optim/grad_norm"] for r in rows) > 0
+    moved = (vllm_prompt_logprobs(url, PROMPT_IDS) - before).abs().max().item()
+    assert moved > 1e-3  # the server serves the trained weights; nothing was reloaded
+    assert not requests.get(f"{url}/is_paused", timeout=10).json()["is_paused"]
+
+
+def test_stock_vllm_serve_exports_through_the_plugin(tiny_model, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = ManagedProcess.python("vllm_stock", [
+        "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model), "--port",
+        str(port), "--host", "127.0.0.1", *VLLM_CPU_ARGS,
+    ], tmp_path / "vllm.log", env={**SHARED_ENV, "LOGDIR": str(tmp_path),
+                                   "VLLM_PLUGINS": "grpo_bridge", "VLLM_SERVER_DEV_MODE": "1"})
+    try:
+        proc.wait_healthy(f"{url}/health", 300)
+        path, config = bridge_config.find_live(logdir=str(tmp_path))
+        assert config["transport"] == "cpu_shm" and config["num_params"] == 14
+        # vLLM's own dev routes fence the step: POST /pause?mode=keep, POST /resume.
+        model, bridge = attach(tiny_model, url, str(path))
+        target = int(hf_logits(model, PROMPT_IDS)[-1].topk(2).indices[1])
+        train_until_greedy_is(model, bridge, PROMPT_IDS, target, lr=1e-2)
+        assert vllm_greedy_token(url, PROMPT_IDS) == target
+        bridge.close()
+    finally:
+        proc.stop()
+    with pytest.raises(bridge_config.StaleBridgeConfig, match="is gone"):
+        bridge_config.find_live(logdir=str(tmp_path))
+
