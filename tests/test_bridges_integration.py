@@ -96,7 +96,7 @@ def test_none_bridge_restarts_vllm_on_the_checkpoint(smollm2_model, api_server, 
     assert rows[1]["sync/restarts"] == 1 and rows[1]["sync/restart_s"] > 0
     assert rows[0]["time/sync"] == 0 and rows[2]["time/sync"] == 0
     run = tmp_path / "run"
-    # the second server was started on the step-2 checkpoint, and step 3 trained on its rollouts
+    # the second server was started on the step-2 checkpoint and answered /health (restart_s)
     assert "serving/step_2" in (run / "logs" / "vllm_1.log").read_text()
     served = load_file(run / "serving" / "step_2" / "model.safetensors")
     initial = load_file(next(smollm2_model.glob("*.safetensors")))
