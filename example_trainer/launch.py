@@ -49,7 +49,8 @@ PRESETS = {
                       "--lora-r", "16", "--lora-alpha", "32", "--dtype", "bfloat16"),
         vllm_args=("--enable-lora", "--max-lora-rank", "16", "--gpu-memory-utilization", "0.2",
                    "--max-model-len", "512", "--dtype", "bfloat16"),
-        env_args=("--env.max_new_tokens", "32", "--env.difficulty", "2"),
+        env_args=("--env.max_new_tokens", "32", "--env.difficulty", "2",
+                  "--env.temperature", "0.7"),
     ),
     # One GPU shared by vLLM and the trainer: single copy of the weights.
     "gpu": Preset(
@@ -116,7 +117,10 @@ def run(preset: Preset, run_dir: Path, skip_eval: bool) -> None:
     stack = Stack(run_dir)
     t0 = time.monotonic()
     try:
-        api = stack.start("api", ["-m", "environments.api_server", "--port", str(api_port)])
+        # A queue of two steps bounds staleness, and on a small machine keeps generation from
+        # taking the cores the trainer needs (the env backs off on 429).
+        api = stack.start("api", ["-m", "environments.api_server", "--port", str(api_port),
+                                  "--max-queue-sequences", str(2 * batch)])
         vllm = stack.start("vllm", ["-m", "example_trainer.vllm_api_server", "--model", model,
                                     "--port", str(vllm_port), *preset.vllm_args],
                            env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
