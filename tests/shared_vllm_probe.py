@@ -3,6 +3,8 @@ HTTP API and through the trainer's HF model bound to vLLM's memory."""
 
 from __future__ import annotations
 
+import time
+
 import requests
 import torch
 from torch import nn
@@ -10,6 +12,7 @@ from torch import nn
 from example_trainer.bridges.shared_vllm import SharedVllmBridge
 from example_trainer.config import TrainConfig
 from example_trainer.trainer import load_model
+from vllm_patching import bridge_config
 
 # "What is 12 + 7? Answer with the number only." in SmolLM2's tokenizer would do as well; any
 # fixed ids work, and fixed ids keep the test independent of chat templates.
@@ -59,6 +62,25 @@ def hf_prompt_logprobs(model: nn.Module, ids: list[int]) -> torch.Tensor:
     return logp.gather(-1, torch.tensor(ids[1:], device=logp.device)[:, None])[:, 0].cpu()
 
 
+def parity(model: nn.Module, url: str, model_path: str, ids: list[int] = PROMPT_IDS
+           ) -> dict[str, float]:
+    """vLLM's prompt logprobs vs the bound HF model's, and vs the same HF model loaded from the
+    checkpoint: the bridge must add nothing to the bf16 noise between the two engines."""
+    from transformers import AutoModelForCausalLM
+
+    served = vllm_prompt_logprobs(url, ids)
+    bound = hf_prompt_logprobs(model, ids)
+    device = next(model.parameters()).device
+    disk = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).to(device)
+    from_disk = hf_prompt_logprobs(disk.eval(), ids)
+    del disk
+    return {"max_abs_diff": (served - bound).abs().max().item(),
+            "mean_abs_diff": (served - bound).abs().mean().item(),
+            "checkpoint_max_abs_diff": (served - from_disk).abs().max().item(),
+            "bound_vs_checkpoint_max": (bound - from_disk).abs().max().item(),
+            "tokens": len(ids) - 1}
+
+
 def snapshot(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
@@ -86,3 +108,11 @@ def train_until_greedy_is(model: nn.Module, bridge: SharedVllmBridge, ids: list[
         if int(hf_logits(model, ids)[-1].argmax()) == target:
             return step
     raise AssertionError(f"greedy token did not become {target} in {max_steps} steps")
+
+
+def wait_until_stale(identity: dict, timeout_s: float = 30.0) -> None:
+    """ManagedProcess.stop() returns when the server is gone; vLLM's worker child (the config's
+    writer) may take a moment longer. Poll, with a deadline."""
+    deadline = time.monotonic() + timeout_s
+    while bridge_config.staleness(identity) is None and time.monotonic() < deadline:
+        time.sleep(0.2)

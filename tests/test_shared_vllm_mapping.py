@@ -5,6 +5,7 @@ checks and every refusal message."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -258,3 +259,33 @@ def test_config_fields_follow_design(tmp_path):
     design = {"model", "tp_degree", "dp_shard_degree", "param_names", "param_mappings",
               "ipc_handles", "shared_weights_enabled", "single_copy_enabled", "num_params"}
     assert design <= set(saved)
+
+
+# ----------------------------------------------------------------------------- plugin
+
+
+PLUGIN_CHECK = """
+import os, sys
+import vllm_patching.plugin as plugin
+plugin.register()                     # disabled: nothing patched, nothing imported
+assert "vllm.v1.worker.gpu_worker" not in sys.modules
+os.environ["VLLM_ENABLE_SHARED_WEIGHTS"] = "1"
+plugin.register(); plugin.register()  # vLLM may load plugins more than once per process
+assert "vllm.v1.worker.gpu_worker" not in sys.modules  # patched on import, not imported here
+from vllm.v1.worker.gpu_worker import Worker
+from vllm.v1.worker.cpu_worker import CPUWorker
+plugin.register()
+assert Worker.load_model._grpo_bridge_wrapped and CPUWorker.load_model is Worker.load_model
+assert Worker.load_model.__wrapped__.__name__ == "load_model"  # wrapped once, not twice
+from vllm.model_executor.layers import utils
+assert utils.dispatch_cpu_unquantized_gemm.__wrapped__.__module__ == utils.__name__
+print("ok")
+"""
+
+
+def test_plugin_register_is_idempotent_and_lazy():
+    pytest.importorskip("vllm")
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_SHARED_WEIGHTS"}
+    done = subprocess.run([sys.executable, "-c", PLUGIN_CHECK], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import time
 from typing import Any
 
@@ -52,8 +53,11 @@ def _cuda_handle(t: torch.Tensor) -> dict[str, Any]:
 def _cpu_handle(t: torch.Tensor) -> dict[str, Any]:
     # Moves the storage's bytes into a shared memory file in place: vLLM's tensors keep
     # working, now backed by memory the trainer can map.
-    manager, name, size = t.untyped_storage()._share_filename_cpu_()
-    return {"shm_manager_b64": _b64(manager), "shm_name_b64": _b64(name), "storage_size": size,
+    _manager, name, size = t.untyped_storage()._share_filename_cpu_()
+    path = "/dev/shm" + name.decode()
+    # torch's refcounted shm file starts with a header (a refcount, 64 bytes); data follows.
+    header = os.stat(path).st_size - size
+    return {"shm_path": path, "shm_header_bytes": header, "storage_size": size,
             "shape": list(t.shape), "stride": list(t.stride()),
             "tensor_offset": t.storage_offset(), "dtype": str(t.dtype)}
 

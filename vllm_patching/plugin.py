@@ -16,7 +16,12 @@ fails with the fix if it did not.
 from __future__ import annotations
 
 import functools
+import importlib.abc
+import importlib.util
 import logging
+import sys
+from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 from vllm_patching import bridge_config
@@ -44,18 +49,44 @@ def version_supported() -> bool:
     return False
 
 
-def monkey_patch_worker_load_model() -> bool:
+def after_import(module_name: str, patch: Callable[[ModuleType], Any]) -> None:
+    """Run `patch(module)` once `module_name` is imported (at once if it already is).
+
+    Lets register() patch the worker without importing it: vLLM loads general plugins in its
+    API server process too, which must not pull in the GPU worker (and CUDA) for nothing.
+    """
+    if module_name in sys.modules:
+        patch(sys.modules[module_name])
+        return
+
+    class _PatchOnImport(importlib.abc.MetaPathFinder):
+        def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+            if name != module_name:
+                return None
+            sys.meta_path.remove(self)  # one shot; also keeps find_spec below from recursing
+            spec = importlib.util.find_spec(name)
+            exec_module = spec.loader.exec_module
+
+            def exec_and_patch(module: ModuleType) -> None:
+                exec_module(module)
+                patch(module)
+
+            spec.loader.exec_module = exec_and_patch
+            return spec
+
+    sys.meta_path.insert(0, _PatchOnImport())
+
+
+def monkey_patch_worker_load_model(gpu_worker: ModuleType) -> None:
     """Wrap vllm.v1.worker.gpu_worker.Worker.load_model to export right after loading.
 
     NOTE: vLLM has no post-load hook for plugins; worker_extension_cls methods are only called
     on request (collective_rpc), which stock `vllm serve` never does. CPUWorker inherits this
     load_model, so the one wrapper covers both platforms.
     """
-    from vllm.v1.worker import gpu_worker
-
     original = gpu_worker.Worker.load_model
     if getattr(original, _WRAPPED, False):
-        return False
+        return
 
     @functools.wraps(original)
     def load_model_and_export(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -67,7 +98,8 @@ def monkey_patch_worker_load_model() -> bool:
 
     setattr(load_model_and_export, _WRAPPED, True)
     gpu_worker.Worker.load_model = load_model_and_export
-    return True
+    log.info("grpo_bridge: Worker.load_model exports shared weights to %s",
+             bridge_config.output_path())
 
 
 def monkey_patch_cpu_gemm_dispatch() -> bool:
@@ -110,9 +142,8 @@ def install_patches(load_model_hook: bool = True) -> None:
         return
     if monkey_patch_cpu_gemm_dispatch():
         log.info("grpo_bridge: CPU linear layers keep their plain (shared) weights")
-    if load_model_hook and monkey_patch_worker_load_model():
-        log.info("grpo_bridge: Worker.load_model exports shared weights to %s",
-                 bridge_config.output_path())
+    if load_model_hook:
+        after_import("vllm.v1.worker.gpu_worker", monkey_patch_worker_load_model)
 
 
 def register() -> None:

@@ -50,18 +50,24 @@ def rebuild_cuda(h: Mapping[str, Any]) -> Tensor:
         torch.storage.TypedStorage, _dtype(h["dtype"]), cuda_device_for(h["device_uuid"]),
         _bytes(h["ipc_handle_b64"]), h["storage_size"], h["storage_offset"], False,
         _bytes(h["ref_counter_handle_b64"]), h["ref_counter_offset"],
-        _bytes(h["event_handle_b64"]) or None, h["event_sync_required"],
+        _bytes(h["event_handle_b64"]), h["event_sync_required"],
     )
 
 
 def rebuild_cpu(h: Mapping[str, Any]) -> Tensor:
-    """Map the shared memory file that vLLM's CPU worker moved the tensor into."""
-    storage = torch.UntypedStorage._new_shared_filename_cpu(
-        _bytes(h["shm_manager_b64"]), _bytes(h["shm_name_b64"]), h["storage_size"])
-    typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=_dtype(h["dtype"]),
-                                       _internal=True)
-    return torch._utils._rebuild_tensor(typed, h["tensor_offset"], tuple(h["shape"]),
-                                        tuple(h["stride"]))
+    """Map the shared memory file that vLLM's CPU worker moved the tensor into.
+
+    A plain MAP_SHARED mapping of the file, not torch's shm-manager client: the mapping stays
+    valid (and this process exits cleanly) after vLLM and its shm manager are gone.
+    """
+    dtype = _dtype(h["dtype"])
+    header = h["shm_header_bytes"]
+    storage = torch.UntypedStorage.from_file(h["shm_path"], shared=True,
+                                             nbytes=header + h["storage_size"])
+    typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+    # The data starts after torch's refcount header, in elements of this dtype.
+    offset = h["tensor_offset"] + header // dtype.itemsize
+    return torch._utils._rebuild_tensor(typed, offset, tuple(h["shape"]), tuple(h["stride"]))
 
 
 REBUILDERS = {"cuda_ipc": rebuild_cuda, "cpu_shm": rebuild_cpu}

@@ -1,0 +1,122 @@
+"""End to end with one copy of the weights: batching API + our vLLM server (exporting its
+weights) + the arithmetic environment + `grpo.py --weight-bridge-mode shared_vllm`, with greedy
+accuracy on held-out problems before and after, and the reward of every step.
+
+    python benchmarks/e2e_shared_vllm.py --steps 25 [--optimizer adamw_fp32_master] [--lr 1e-5]
+
+Writes benchmarks/results/e2e_shared_vllm_<device>.json (or --out). Every process is stopped by
+its pid on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.sync_latency import device_label, machine_info  # noqa: E402
+from example_trainer.models import resolve_model  # noqa: E402
+from example_trainer.process import ManagedProcess, free_port  # noqa: E402
+
+log = logging.getLogger("e2e_shared_vllm")
+
+
+def accuracy(vllm_url: str, model: str, n: int) -> float:
+    from environments.arithmetic_server import greedy_accuracy
+
+    return float(greedy_accuracy(vllm_url, n=n, tokenizer_name=model)["accuracy"])
+
+
+def start_stack(args: argparse.Namespace, run: Path, model: str
+                ) -> tuple[list[ManagedProcess], str, str]:
+    api_port, vllm_port = free_port(), free_port()
+    api_url, vllm_url = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{vllm_port}"
+    procs = [ManagedProcess.python("api", ["-m", "environments.api_server", "--port",
+                                           str(api_port)], run / "api.log")]
+    procs.append(ManagedProcess.python(
+        "vllm", ["-m", "example_trainer.vllm_api_server", "--model", model, "--port",
+                 str(vllm_port), *args.vllm_args.split()], run / "vllm.log",
+        env={"VLLM_ENABLE_SHARED_WEIGHTS": "1", "LOGDIR": str(run)}))
+    procs[0].wait_healthy(f"{api_url}/status", 60)
+    procs[1].wait_healthy(f"{vllm_url}/health", 900)
+    return procs, api_url, vllm_url
+
+
+def train(args: argparse.Namespace, run: Path, model: str, api_url: str, vllm_url: str,
+          procs: list[ManagedProcess]) -> float:
+    t0 = time.monotonic()
+    trainer = ManagedProcess.python("trainer", [
+        "-m", "example_trainer.grpo", "--model-name", model, "--weight-bridge-mode",
+        "shared_vllm", "--api-url", api_url, "--vllm-port", vllm_url.rsplit(":", 1)[1],
+        "--training-steps", str(args.steps), "--lr", str(args.lr), "--optimizer",
+        args.optimizer, "--batch-size", "64", "--max-token-len", "512",
+        "--save-path", str(run / "trainer"), "--vllm-config-path", str(run),
+    ], run / "trainer.log", env={"LOGDIR": str(run)})
+    procs.append(trainer)
+    procs.append(ManagedProcess.python("env", [
+        "-m", "environments.arithmetic_server", "serve", "--env.rollout_server_url", api_url,
+        "--env.tokenizer_name", model, "--env.group_size", "8", "--env.total_steps", "-1",
+        "--env.max_new_tokens", "32", "--env.difficulty", "2", "--openai.base_url", vllm_url,
+        "--openai.server_type", "vllm", "--openai.model_name", model], run / "env.log"))
+    deadline = time.monotonic() + args.timeout
+    while trainer.alive():
+        dead = [p for p in procs if not p.alive() and p is not trainer]
+        if dead or time.monotonic() > deadline:
+            raise RuntimeError(f"{[p.name for p in dead] or 'deadline'}; trainer log:\n"
+                               f"{trainer.log_tail()}")
+        time.sleep(1.0)  # polling a child's exit, not synchronising on it
+    if trainer.popen.returncode != 0:
+        raise RuntimeError(f"trainer failed:\n{trainer.log_tail()}")
+    return time.monotonic() - t0
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--optimizer", default="adamw_fp32_master")
+    parser.add_argument("--eval", type=int, default=200, help="held-out problems (0: skip)")
+    parser.add_argument("--vllm-args", default="--gpu-memory-utilization 0.35 "
+                        "--max-model-len 512 --dtype bfloat16")
+    parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument("--run-dir", type=Path, default=Path("runs") / "e2e_shared_vllm")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    model = resolve_model(args.model)
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    procs, api_url, vllm_url = start_stack(args, args.run_dir, model)
+    try:
+        before = accuracy(vllm_url, model, args.eval) if args.eval else None
+        seconds = train(args, args.run_dir, model, api_url, vllm_url, procs)
+        after = accuracy(vllm_url, model, args.eval) if args.eval else None
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+    rows = [json.loads(line) for line in
+            (args.run_dir / "trainer" / "metrics.jsonl").read_text().splitlines()]
+    keys = ("step", "reward/mean", "loss/total", "optim/grad_norm", "time/sync", "sync/stall_s",
+            "time/step")
+    result = {"benchmark": "e2e_shared_vllm", "model": model, "args": vars(args) | {
+        "run_dir": str(args.run_dir), "out": str(args.out)}, "machine": machine_info(),
+        "train_seconds": seconds, "greedy_accuracy_before": before,
+        "greedy_accuracy_after": after, "steps": [{k: r.get(k) for k in keys} for r in rows]}
+    for r in result["steps"]:
+        log.info("step %3d  reward %.3f  sync %.1f ms  stall %.1f ms  step %.2f s", r["step"],
+                 r["reward/mean"], 1e3 * r["time/sync"], 1e3 * (r["sync/stall_s"] or 0),
+                 r["time/step"])
+    log.info("greedy accuracy %s -> %s; %d steps in %.0f s", before, after, len(rows), seconds)
+    out = args.out or ROOT / "benchmarks" / "results" / f"e2e_shared_vllm_{device_label()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
