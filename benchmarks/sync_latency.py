@@ -183,6 +183,8 @@ def bench_shared_vllm(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]
         for p in params:
             p.grad = torch.randn_like(p) * 1e-3
         optimizer, _ = make_optimizer(cfg, params)
+        with bridge.step_fence():
+            optimizer.step()  # warm-up: allocates the optimizer state, not a steady-state step
         rows = []
         for step in range(1, args.steps + 1):
             with bridge.step_fence():

@@ -44,7 +44,9 @@ EAGER = os.environ.get("GPU_TEST_EAGER") == "1"  # CUDA graphs on unless asked o
 SERVER_ARGS = ["--gpu-memory-utilization", "0.3", "--max-model-len", "1024",
                "--dtype", "bfloat16", *(["--enforce-eager"] if EAGER else [])]
 SHARED_ENV = {"VLLM_ENABLE_SHARED_WEIGHTS": "1"}
-PARITY_MAX, PARITY_MEAN = 0.25, 0.03  # bf16 logprobs: flash attention vs HF sdpa, 30 layers
+# Sanity bounds on bf16 logprobs of two engines (vLLM's kernels vs HF's, 30 layers); the sharp
+# check is that the bound model matches the same checkpoint loaded the ordinary way.
+PARITY_MAX, PARITY_MEAN = 0.3, 0.1
 
 
 def result(name: str, **numbers: float) -> None:
@@ -104,6 +106,7 @@ def test_parity_hf_views_vs_vllm_logprobs(attached, server):
     p = parity(model, server[0], MODEL)
     result("parity", **p)
     assert p["bound_vs_checkpoint_max"] < 1e-2  # the views compute what the checkpoint does
+    assert p["max_abs_diff"] <= p["checkpoint_max_abs_diff"] + 1e-2  # the bridge adds no error
     assert p["max_abs_diff"] < PARITY_MAX and p["mean_abs_diff"] < PARITY_MEAN
 
 
@@ -146,6 +149,8 @@ def test_fence_stall_under_generation_load(attached, server):
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     opt = torch.optim.AdamW(params, lr=0.0)
+    with bridge.step_fence():
+        opt.step()  # warm-up: allocates AdamW's state
     stop, codes = threading.Event(), []
     load = [threading.Thread(target=_generate_forever, args=(server[0], stop, codes))
             for _ in range(4)]
