@@ -5,6 +5,7 @@
 #                                          #   stock `vllm serve` + plugin
 #   bash benchmarks/gpu_session.sh e2e     # arithmetic env -> API -> grpo.py shared_vllm, 25 steps
 #   bash benchmarks/gpu_session.sh bench   # benchmarks/sync_latency.py: all three bridges
+#   bash benchmarks/gpu_session.sh rest    # e2e, then bench
 #
 # Needs the kit's parts in /root/kit and, in the call's carry, .whl/ (torch-optimi, pytest,
 # requests). Logs and JSON go to $OUT, which the device tool brings back.
@@ -61,5 +62,12 @@ case ${1:-tests} in
     timeout 560 python3 benchmarks/sync_latency.py --steps 20 --restarts 2 --run-dir /tmp/sync \
       --out "$OUT/sync_latency_$DEV.json" 2>&1 | tee "$OUT/bench.log"
     rc=${PIPESTATUS[0]}; server_logs bench; exit "$rc" ;;
-  *) echo "usage: $0 tests|e2e|bench"; exit 2 ;;
+  rest)  # e2e then bench in one call (the device budget favours few calls)
+    timeout 320 python3 benchmarks/e2e_shared_vllm.py --steps 25 --run-dir /tmp/e2e \
+      --out "$OUT/e2e_shared_vllm_$DEV.json" 2>&1 | tee "$OUT/e2e.log"
+    rc1=${PIPESTATUS[0]}
+    timeout 250 python3 benchmarks/sync_latency.py --steps 10 --restarts 1 --run-dir /tmp/sync \
+      --out "$OUT/sync_latency_$DEV.json" 2>&1 | tee "$OUT/bench.log"
+    rc2=${PIPESTATUS[0]}; server_logs rest; exit $((rc1 || rc2)) ;;
+  *) echo "usage: $0 tests|e2e|bench|rest"; exit 2 ;;
 esac
