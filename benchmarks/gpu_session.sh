@@ -51,7 +51,7 @@ server_logs() {
 setup || { echo "setup failed"; exit 1; }
 case ${1:-tests} in
   tests)
-    timeout 540 python3 -m pytest -m gpu -s -v -p no:cacheprovider tests/test_shared_vllm_gpu.py \
+    timeout 480 python3 -m pytest -m gpu -s -v -p no:cacheprovider tests/test_shared_vllm_gpu.py \
       2>&1 | tee "$OUT/pytest_gpu.log"
     rc=${PIPESTATUS[0]}; server_logs tests; exit "$rc" ;;
   e2e)
