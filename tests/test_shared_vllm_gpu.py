@@ -46,7 +46,7 @@ SERVER_ARGS = ["--gpu-memory-utilization", "0.3", "--max-model-len", "1024",
 SHARED_ENV = {"VLLM_ENABLE_SHARED_WEIGHTS": "1"}
 # Sanity bounds on bf16 logprobs of two engines (vLLM's kernels vs HF's, 30 layers); the sharp
 # check is that the bound model matches the same checkpoint loaded the ordinary way.
-PARITY_MAX, PARITY_MEAN = 0.3, 0.1
+PARITY_MAX, PARITY_MEAN = 0.6, 0.1  # H100, vLLM 0.26: 0.46 / 0.08, same for the checkpoint
 
 
 def result(name: str, **numbers: float) -> None:

@@ -73,6 +73,17 @@ def rebuild_cpu(h: Mapping[str, Any]) -> Tensor:
 REBUILDERS = {"cuda_ipc": rebuild_cuda, "cpu_shm": rebuild_cpu}
 
 
+def device_of(config: Mapping[str, Any]) -> torch.device:
+    """The device vLLM's tensors live on, as this process names it."""
+    if config["transport"] == "cpu_shm":
+        return torch.device("cpu")
+    first = next(iter(config["ipc_handles"].values()))
+    if not torch.cuda.is_available():
+        raise RuntimeError("the bridge config holds CUDA IPC handles but this process has no "
+                           "CUDA: run the trainer on vLLM's GPU machine")
+    return torch.device("cuda", cuda_device_for(first["device_uuid"]))
+
+
 def rebuild_all(config: Mapping[str, Any]) -> dict[str, Tensor]:
     """vLLM name -> a tensor on vLLM's memory (no copy)."""
     transport = config["transport"]

@@ -86,22 +86,27 @@ class SharedVllmBridge(WeightBridge):
         if config["model"] != resolve_model(self.cfg.model_name):
             log.warning("vLLM serves %s, the trainer was given %s: shapes are checked next",
                         config["model"], self.cfg.model_name)
+        device = shared_tensors.device_of(config)
         alloc0, used0 = _memory()
-        self.tensors = shared_tensors.rebuild_all(config)
-        device = next(iter(self.tensors.values())).device
-        bound = shared_tensors.bind_views(model, config["param_mappings"], self.tensors)
+        # Buffers first: their kernels' first launch loads CUDA modules (tens of MiB of device
+        # memory, not weights), which would otherwise blur the zero-copy measurement below.
         buffers = shared_tensors.materialize_buffers(model, device)
-        shared_tensors.check_materialized(model)
         alloc1, used1 = _memory()
+        self.tensors = shared_tensors.rebuild_all(config)
+        bound = shared_tensors.bind_views(model, config["param_mappings"], self.tensors)
+        shared_tensors.check_materialized(model)
+        alloc2, used2 = _memory()
         self.config_path = str(path)
         self.attach_stats = {"attach/seconds": time.perf_counter() - t0,
                              "attach/weight_bytes": float(bound),
-                             "attach/allocated_bytes": float(alloc1 - alloc0),
-                             "attach/device_used_bytes": float(used1 - used0)}
+                             "attach/allocated_bytes": float(alloc2 - alloc1),
+                             "attach/device_used_bytes": float(used2 - used1),
+                             "attach/buffers_device_used_bytes": float(used1 - used0),
+                             "attach/total_allocated_bytes": float(alloc2 - alloc0)}
         log.info("shared_vllm: bound %d parameters (%.1f MiB of vLLM's %s memory, %s) from %s "
                  "in %.2f s; computed buffers %s; this process allocated %+.1f MiB",
                  len(list(model.parameters())), bound / 2**20, config["transport"], device,
-                 path, self.attach_stats["attach/seconds"], buffers, (alloc1 - alloc0) / 2**20)
+                 path, self.attach_stats["attach/seconds"], buffers, (alloc2 - alloc0) / 2**20)
         self._check_server()
         if self.cfg.kl_coef > 0:
             # NOTE: a frozen reference is a second copy of the weights, in trainer memory; it
