@@ -63,10 +63,11 @@ case ${1:-tests} in
       --out "$OUT/sync_latency_$DEV.json" 2>&1 | tee "$OUT/bench.log"
     rc=${PIPESTATUS[0]}; server_logs bench; exit "$rc" ;;
   rest)  # e2e then bench in one call (the device budget favours few calls)
-    timeout 300 python3 benchmarks/e2e_shared_vllm.py --steps 25 --eval 100 --run-dir /tmp/e2e \
+    timeout 260 python3 benchmarks/e2e_shared_vllm.py --steps 25 --eval 100 --run-dir /tmp/e2e \
+      --vllm-args "--gpu-memory-utilization 0.3 --max-model-len 1024 --dtype bfloat16 --enforce-eager" \
       --out "$OUT/e2e_shared_vllm_$DEV.json" 2>&1 | tee "$OUT/e2e.log"
     rc1=${PIPESTATUS[0]}
-    timeout 240 python3 benchmarks/sync_latency.py --steps 10 --restarts 1 --run-dir /tmp/sync \
+    timeout 250 python3 benchmarks/sync_latency.py --steps 10 --restarts 1 --run-dir /tmp/sync \
       --out "$OUT/sync_latency_$DEV.json" 2>&1 | tee "$OUT/bench.log"
     rc2=${PIPESTATUS[0]}; server_logs rest; exit $((rc1 || rc2)) ;;
   *) echo "usage: $0 tests|e2e|bench|rest"; exit 2 ;;
