@@ -71,6 +71,9 @@ class TrainConfig:
     vllm_host: str = opt("127.0.0.1", "host of the inference server")
     vllm_restart_interval: int = opt(3, "none bridge: checkpoint and restart vLLM every N steps")
     vllm_args: str = opt("", "none bridge: extra args for the vLLM server it starts, one string")
+    pause_generation_during_step: bool = opt(
+        False, "pause the inference server (POST /pause?mode=keep) during forward/backward and "
+        "the optimizer step: for machines where vLLM and the trainer share the same CPU cores")
     vllm_start_timeout: float = opt(600.0, "none bridge: seconds to wait for vLLM's /health")
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: int = opt(32, "LoRA alpha")

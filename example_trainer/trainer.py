@@ -3,15 +3,17 @@ bridge.after_step -> log -> checkpoint. It never asks which weight bridge it dri
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import resource
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import requests
 import torch
 from torch import Tensor, nn
 
@@ -75,6 +77,52 @@ def make_ref_fn(cfg: TrainConfig, bridge: WeightBridge, model: nn.Module
     return ref_fn
 
 
+def forward_backward(model: nn.Module, micro: list[MicroBatch], loss_fn, ref_fn,
+                     totals: StepTotals) -> tuple[float, dict[str, float]]:
+    """Accumulate the gradients of one step's micro-batches; return the loss and the
+    token-weighted sums of the loss metrics."""
+    model.train()
+    sums: dict[str, float] = defaultdict(float)
+    total_loss = 0.0
+    for mb in micro:
+        mb = _to(mb, device())
+        ref_logprobs = ref_fn(mb)
+        trainer_logprobs, entropy = sequence_logprobs(model, mb)
+        inference_logprobs = (mb.inference_logprobs if mb.inference_logprobs is not None
+                              else trainer_logprobs.detach())
+        loss, m = loss_fn(LossInputs(
+            trainer_logprobs=trainer_logprobs, inference_logprobs=inference_logprobs,
+            advantages=mb.advantages, loss_mask=mb.loss_mask,
+            ref_logprobs=ref_logprobs, entropy=entropy,
+        ), totals)
+        loss.backward()
+        total_loss += loss.item()  # sync point, once per micro-batch
+        n = m["loss/num_tokens"].item()
+        for k, v in m.items():
+            if k != "loss/num_tokens":
+                sums[k] += v.item() * n  # token-weighted across micro-batches
+    return total_loss, sums
+
+
+def make_generation_gate(cfg: TrainConfig) -> Callable[[], contextlib.AbstractContextManager]:
+    """Context for the compute part of a step: a no-op, or with --pause-generation-during-step a
+    pause of the inference server, so that on a small CPU machine generation and training take
+    turns instead of thrashing the same cores (in-flight requests freeze and resume)."""
+    if not cfg.pause_generation_during_step:
+        return contextlib.nullcontext
+
+    @contextlib.contextmanager
+    def paused() -> Iterator[None]:
+        requests.post(f"{cfg.vllm_url}/pause", params={"mode": "keep"}, timeout=60
+                      ).raise_for_status()
+        try:
+            yield
+        finally:
+            requests.post(f"{cfg.vllm_url}/resume", timeout=60).raise_for_status()
+
+    return paused
+
+
 def _seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -100,6 +148,7 @@ def train(cfg: TrainConfig, bridge: WeightBridge | None = None) -> list[dict[str
         optimizer, scheduler = make_optimizer(cfg, params)
         loss_fn = make_loss_fn(cfg)
         ref_fn = make_ref_fn(cfg, bridge, model)
+        generation_gate = make_generation_gate(cfg)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
 
@@ -125,36 +174,17 @@ def train(cfg: TrainConfig, bridge: WeightBridge | None = None) -> list[dict[str
                                 num_seqs=len(rollouts))
 
             t0 = time.monotonic()
-            model.train()
-            optimizer.zero_grad(set_to_none=True)
-            sums: dict[str, float] = defaultdict(float)
-            total_loss = 0.0
-            for mb in micro:
-                mb = _to(mb, device())
-                ref_logprobs = ref_fn(mb)
-                trainer_logprobs, entropy = sequence_logprobs(model, mb)
-                inference_logprobs = (mb.inference_logprobs if mb.inference_logprobs is not None
-                                      else trainer_logprobs.detach())
-                loss, m = loss_fn(LossInputs(
-                    trainer_logprobs=trainer_logprobs, inference_logprobs=inference_logprobs,
-                    advantages=mb.advantages, loss_mask=mb.loss_mask,
-                    ref_logprobs=ref_logprobs, entropy=entropy,
-                ), totals)
-                loss.backward()
-                total_loss += loss.item()  # sync point, once per micro-batch
-                n = m["loss/num_tokens"].item()
-                for k, v in m.items():
-                    if k != "loss/num_tokens":
-                        sums[k] += v.item() * n  # token-weighted across micro-batches
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-            t_fence = time.monotonic()
-            with bridge.step_fence():  # shared weights: no generation reads during the write
-                optimizer.step()
-            t_fence = time.monotonic() - t_fence
-            scheduler.step()
-            t_fwd_bwd = time.monotonic() - t0
-
-            sync_metrics = bridge.after_step(step)
+            with generation_gate():
+                optimizer.zero_grad(set_to_none=True)
+                total_loss, sums = forward_backward(model, micro, loss_fn, ref_fn, totals)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+                t_fence = time.monotonic()
+                with bridge.step_fence():  # shared weights: no generation reads the write
+                    optimizer.step()
+                t_fence = time.monotonic() - t_fence
+                scheduler.step()
+                t_fwd_bwd = time.monotonic() - t0
+                sync_metrics = bridge.after_step(step)
 
             scores = torch.tensor([r.score for r in rollouts])
             n_tokens = sum(len(r.tokens) for r in rollouts)

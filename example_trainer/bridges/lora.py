@@ -19,6 +19,8 @@ from example_trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
+KEEP_ADAPTERS = 4  # adapter folders kept on disk (the served one and the 3 before it)
+
 
 class LoraBridge(WeightBridge):
     def __init__(self, cfg: TrainConfig) -> None:
@@ -68,11 +70,19 @@ class LoraBridge(WeightBridge):
         if resp.status_code != 200:
             raise RuntimeError(f"/lora/load of {final} failed ({resp.status_code}): {resp.text}")
         t_total = time.monotonic() - t0
-        # The server has loaded the new adapter; older folders are no longer needed.
-        for old in self.adapter_dir.glob("step_*"):
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+        self._prune()
         return {"time/sync": t_total, "sync/save_s": t_save, "sync/load_s": t_total - t_save}
+
+    def _prune(self) -> None:
+        """Delete all but the newest KEEP_ADAPTERS folders.
+
+        NOTE: requests still running on an older adapter make vLLM reload it from disk when it was
+        evicted from its LoRA slots (--max-loras), and a missing folder kills the engine; so the
+        last few stay on disk.
+        """
+        steps = sorted(self.adapter_dir.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+        for old in steps[:-KEEP_ADAPTERS]:
+            shutil.rmtree(old, ignore_errors=True)
 
     @contextlib.contextmanager
     def reference(self, model: nn.Module) -> Iterator[nn.Module]:
