@@ -58,7 +58,7 @@ PRESETS = {
     # One GPU shared by vLLM and the trainer: single copy of the weights.
     "gpu": Preset(
         model="smollm2", bridge="shared_vllm", steps=60, group_size=8, prompts_per_step=8,
-        lr=1e-5, trainer_args=("--batch-size", "64"),
+        lr=1e-5, trainer_args=("--batch-size", "64", "--optimizer", "adamw_fp32_master"),
         vllm_args=("--gpu-memory-utilization", "0.4", "--max-model-len", "512"),
         env_args=("--env.max_new_tokens", "32", "--env.difficulty", "2"),
         vllm_env={"VLLM_ENABLE_SHARED_WEIGHTS": "1"},
