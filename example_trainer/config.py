@@ -87,7 +87,8 @@ class TrainConfig:
     use_wandb: bool = opt(False, "log to Weights & Biases (WANDB_MODE=offline works offline)")
     wandb_project: str = opt("grpo", "wandb project")
     wandb_group: str = opt("", "wandb group")
-    benchmark: bool = opt(False, "log per-step timing breakdown at INFO level")
+    benchmark: bool = opt(False, "at the end, log and write benchmark.json: median step, batch "
+                          "wait, forward/backward, sync seconds and tokens/s")
     # --- distributed (single process today; kept for CLI compatibility) ---
     trainer_rank: int = opt(0, "rank of this trainer process")
     world_size: int = opt(1, "number of trainer processes")
@@ -123,6 +124,9 @@ def finalize(cfg: TrainConfig) -> TrainConfig:
         (cfg.vllm_restart_interval >= 1, "--vllm-restart-interval must be >= 1"),
         (cfg.lora_sync_interval >= 1, "--lora-sync-interval must be >= 1"),
         (cfg.world_size == 1, "--world-size > 1 is not supported yet: run one trainer process"),
+        (cfg.trainer_rank == 0, "--trainer-rank must be 0 with one trainer process"),
+        (cfg.num_inference_nodes <= 1, "NUM_INFERENCE_NODES > 1 is not supported yet: run one "
+                                       "inference server on this node"),
     ]
     for ok, message in checks:
         if not ok:

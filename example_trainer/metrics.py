@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 from pathlib import Path
 
 from tqdm import tqdm
@@ -22,9 +23,15 @@ STEP_KEYS = (
 )
 
 
+BENCHMARK_KEYS = ("time/step", "time/wait_batch", "time/fwd_bwd", "time/sync", "perf/tokens_per_s")
+
+
 class MetricsLogger:
     def __init__(self, cfg: TrainConfig, run_dir: Path, first_step: int) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = run_dir
+        self.benchmark = cfg.benchmark
+        self.rows: list[dict[str, float]] = []
         self.path = run_dir / "metrics.jsonl"
         self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed in close()
         self._bar = tqdm(total=cfg.training_steps, initial=first_step, desc="grpo", unit="step",
@@ -41,6 +48,7 @@ class MetricsLogger:
         if len(finite) != len(row):
             log.warning("dropping non-finite metrics: %s", sorted(set(row) - set(finite)))
         self._file.write(json.dumps(finite) + "\n")
+        self.rows.append(finite)
         if self._wandb is not None:
             self._wandb.log(finite, step=int(row["step"]))
         self._bar.update(1)
@@ -53,7 +61,17 @@ class MetricsLogger:
             row["perf/tokens_per_s"], row["time/sync"], row["time/step"],
         )
 
+    def _write_benchmark(self) -> None:
+        summary = {k: statistics.median(r[k] for r in self.rows if k in r)
+                   for k in BENCHMARK_KEYS if any(k in r for r in self.rows)}
+        summary["steps"] = len(self.rows)
+        (self.run_dir / "benchmark.json").write_text(json.dumps(summary, indent=2))
+        log.info("benchmark (medians over %d steps): %s", len(self.rows),
+                 ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if k != "steps"))
+
     def close(self) -> None:
+        if self.benchmark and self.rows:
+            self._write_benchmark()
         self._bar.close()
         self._file.close()
         if self._wandb is not None:

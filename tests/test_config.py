@@ -34,10 +34,13 @@ def test_single_copy_selects_shared_vllm():
 
 def test_env_vars_map_onto_fields(monkeypatch):
     monkeypatch.setenv("LOGDIR", "/tmp/run7")
-    monkeypatch.setenv("NUM_INFERENCE_NODES", "2")
+    monkeypatch.setenv("NUM_INFERENCE_NODES", "1")
     cfg = parse_config([])
-    assert cfg.logdir == "/tmp/run7" and cfg.num_inference_nodes == 2
+    assert cfg.logdir == "/tmp/run7" and cfg.num_inference_nodes == 1
     assert parse_config(["--logdir", "/x"]).logdir == "/x"  # the flag wins over the env var
+    monkeypatch.setenv("NUM_INFERENCE_NODES", "2")
+    with pytest.raises(ValueError, match="NUM_INFERENCE_NODES"):
+        parse_config([])
 
 
 def test_step_batch_is_micro_batch_times_accumulation():

@@ -4,6 +4,7 @@ the pinned keys. The weight bridge is the edge here: a no-op bridge stands in fo
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -76,7 +77,8 @@ def test_resume_matches_straight_run(tiny_model, tmp_path):
     api_proc, api = start_api_server(tmp_path / "api_a.log")
     try:
         feed(api, groups)
-        straight = train(config(tiny_model, api, str(tmp_path / "a"), 4), NoSyncBridge())
+        straight = train(config(tiny_model, api, str(tmp_path / "a"), 4, "--benchmark"),
+                         NoSyncBridge())
     finally:
         api_proc.stop()
 
@@ -106,6 +108,10 @@ def test_resume_matches_straight_run(tiny_model, tmp_path):
     rows = [line for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4
     assert set(STEP_KEYS) <= set(straight[0])
+    bench = json.loads((tmp_path / "a" / "benchmark.json").read_text())
+    assert bench["steps"] == 4
+    middle = sorted(r["time/fwd_bwd"] for r in straight)[1:3]
+    assert bench["time/fwd_bwd"] == pytest.approx(sum(middle) / 2)  # median of 4 steps
 
 
 @pytest.mark.integration

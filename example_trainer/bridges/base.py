@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 
 from torch import nn
 
@@ -26,8 +27,16 @@ class WeightBridge(ABC):
     @abstractmethod
     def after_step(self, step: int) -> dict[str, float]: ...
 
-    def reference(self, model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+    #: A frozen copy of the initial weights, set by bridges that train the full model and were
+    #: asked for a KL term; `reference` yields it.
+    ref_model: nn.Module | None = None
+
+    @contextlib.contextmanager
+    def reference(self, model: nn.Module) -> Iterator[nn.Module]:
         """Context that yields the module computing the reference policy (for the KL term)."""
+        if self.ref_model is not None:
+            yield self.ref_model
+            return
         raise NotImplementedError(
             f"{type(self).__name__} has no reference policy: use --kl-coef 0, or "
             "--weight-bridge-mode lora_only where the base model (adapters off) is the reference"

@@ -4,12 +4,10 @@ no LoRA support needed; costs a server start per sync)."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from torch import nn
@@ -72,14 +70,6 @@ class RestartBridge(WeightBridge):
                 shutil.rmtree(old, ignore_errors=True)
         return {"time/sync": time.monotonic() - t0, "sync/save_s": t_save,
                 "sync/restart_s": t_health, "sync/restarts": float(self.restarts)}
-
-    @contextlib.contextmanager
-    def reference(self, model: nn.Module) -> Iterator[nn.Module]:
-        if self.ref_model is None:
-            with super().reference(model) as ref:
-                yield ref
-            return
-        yield self.ref_model
 
     def close(self) -> None:
         if self.proc is not None:

@@ -170,14 +170,6 @@ class SharedVllmBridge(WeightBridge):
         m["time/sync"] = m.get("sync/pause_s", 0.0) + m.get("sync/resume_s", 0.0)
         return m
 
-    @contextlib.contextmanager
-    def reference(self, model: nn.Module) -> Iterator[nn.Module]:
-        if self.ref_model is None:
-            with super().reference(model) as ref:
-                yield ref
-            return
-        yield self.ref_model
-
     def close(self) -> None:
         self.http.close()
         self.tensors = {}
