@@ -52,8 +52,9 @@ PRESETS = {
         vllm_args=("--enable-lora", "--max-lora-rank", "16", "--max-loras", "2",
                    "--gpu-memory-utilization", "0.2",
                    "--max-model-len", "512", "--dtype", "bfloat16"),
+        # 8 groups in flight: the whole step's 64 completions share one engine batch.
         env_args=("--env.max_new_tokens", "16", "--env.difficulty", "2",
-                  "--env.temperature", "0.7"),
+                  "--env.temperature", "0.7", "--env.max_num_workers", "8"),
     ),
     # One GPU shared by vLLM and the trainer: single copy of the weights.
     "gpu": Preset(

@@ -1,0 +1,40 @@
+"""The one-command launcher: the whole stack runs a short training and every process it started
+is gone afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.integration
+def test_launcher_trains_and_stops_everything(tiny_model, tmp_path):
+    run_dir = tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, "-m", "example_trainer.launch", "--preset", "cpu-demo", "--model",
+         str(tiny_model), "--steps", "2", "--skip-eval", "--run-dir", str(run_dir)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-3000:]
+    started = {name: int(pid) for name, pid in re.findall(r"started (\w+) \(pid (\d+)\)", log)}
+    assert set(started) == {"api", "vllm", "trainer", "env"}
+    assert not [name for name, pid in started.items() if pid_alive(pid)]
+    assert len(re.findall(r"trainer: step \d+ \|", log)) == 2  # step lines were streamed
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
