@@ -24,11 +24,13 @@ STATE_FILE = "trainer_state.pt"
 
 
 def save_model_folder(model: nn.Module, tokenizer, out: Path) -> Path:
-    """save_pretrained into a temp folder, then rename: a servable HF folder (or peft adapter)."""
+    """save_pretrained into a temp folder, then rename: a servable HF folder (or peft adapter).
+    `tokenizer` may be None (a LoRA adapter for a server that has the base's tokenizer)."""
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

@@ -205,7 +205,6 @@ def train(cfg: TrainConfig, bridge: WeightBridge | None = None) -> list[dict[str
                 **sync_metrics,
             }
             row["time/step"] = time.monotonic() - t_step
-            row.setdefault("loss/entropy", 0.0)
             metrics.log_step(row)
             rows.append(row)
 

@@ -15,6 +15,7 @@ import requests
 from torch import nn
 
 from example_trainer.bridges.base import WeightBridge
+from example_trainer.checkpoint import save_model_folder
 from example_trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -58,11 +59,7 @@ class LoraBridge(WeightBridge):
         if step % self.cfg.lora_sync_interval:
             return {"time/sync": 0.0}
         t0 = time.monotonic()
-        final = self.adapter_dir / f"step_{step}"
-        tmp = self.adapter_dir / f".step_{step}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp)
-        tmp.rename(final)
+        final = save_model_folder(self.model, None, self.adapter_dir / f"step_{step}")
         t_save = time.monotonic() - t0
         resp = requests.post(f"{self.cfg.vllm_url}/lora/load",
                              json={"adapter_path": str(final.resolve()),
