@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.sync_latency import device_label, machine_info  # noqa: E402
 from example_trainer.models import resolve_model  # noqa: E402
-from example_trainer.process import ManagedProcess, free_port  # noqa: E402
+from example_trainer.process import ManagedProcess, free_port, raise_on_sigterm  # noqa: E402
 
 log = logging.getLogger("e2e_shared_vllm")
 
@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=Path("runs") / "e2e_shared_vllm")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    raise_on_sigterm()  # a `timeout` must not orphan the servers started here
     model = resolve_model(args.model)
     args.run_dir.mkdir(parents=True, exist_ok=True)
     procs, api_url, vllm_url = start_stack(args, args.run_dir, model)

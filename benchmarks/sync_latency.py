@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from example_trainer.config import TrainConfig  # noqa: E402
 from example_trainer.models import resolve_model  # noqa: E402
-from example_trainer.process import ManagedProcess, free_port  # noqa: E402
+from example_trainer.process import ManagedProcess, free_port, raise_on_sigterm  # noqa: E402
 
 log = logging.getLogger("sync_latency")
 CUDA = torch.cuda.is_available()
@@ -277,6 +277,7 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=Path("runs") / "sync_latency")
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/...)")
     args = parser.parse_args()
+    raise_on_sigterm()  # a `timeout` must not orphan the servers started here
     modes = {}
     for mode in args.modes.split(","):
         log.info("measuring %s", mode)

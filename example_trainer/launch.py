@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import signal
 import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from example_trainer.models import resolve_model
-from example_trainer.process import ManagedProcess, free_port
+from example_trainer.process import ManagedProcess, free_port, raise_on_sigterm
 
 log = logging.getLogger("launch")
 
@@ -196,11 +195,6 @@ def stream_steps(stack: Stack, trainer: ManagedProcess) -> None:
         time.sleep(1.0)  # polling a log file, not synchronising
 
 
-def _interrupt(signum, frame) -> None:
-    # SIGTERM takes the same path as Ctrl-C: the `finally` in run() stops every child.
-    raise KeyboardInterrupt
-
-
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__,
@@ -217,7 +211,7 @@ def main() -> None:
         preset = replace(preset, steps=args.steps)
     if args.model:
         preset = replace(preset, model=args.model)
-    signal.signal(signal.SIGTERM, _interrupt)
+    raise_on_sigterm()  # the `finally` in run() stops every child
     try:
         run(preset, args.run_dir, args.skip_eval)
     except KeyboardInterrupt:

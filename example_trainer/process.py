@@ -33,6 +33,17 @@ class ProcessDied(RuntimeError):
     pass
 
 
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def raise_on_sigterm() -> None:
+    """Give SIGTERM Ctrl-C's path (KeyboardInterrupt), so that `finally` blocks stop the children
+    we started. Python's default for SIGTERM exits at once and orphans them: on the GPU a
+    `timeout`-killed benchmark left its vLLM holding 47 GB."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
 class ManagedProcess:
     """One child process in its own process group, with stdout+stderr in `log_path`."""
 

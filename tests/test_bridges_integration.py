@@ -4,6 +4,11 @@ with one-digit sums (a random tiny model never earns a reward, so its advantages
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import time
+
 import pytest
 import requests
 from safetensors.torch import load_file
@@ -103,3 +108,42 @@ def test_none_bridge_restarts_vllm_on_the_checkpoint(smollm2_model, api_server, 
     assert max((served[k].float() - initial[k].float()).abs().max().item() for k in served) > 1e-4
     with pytest.raises(requests.ConnectionError):  # the trainer stopped its server on exit
         requests.get(f"{vllm_url}/health", timeout=5)
+
+
+def _pid_gone(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_sigterm_to_the_trainer_stops_the_vllm_it_started(tiny_model, api_server, tmp_path):
+    """A scheduler or `timeout` stops the trainer with SIGTERM: mode none's vLLM must go too
+    (it runs in its own process group, so nothing else would stop it)."""
+    port = free_port()
+    trainer = ManagedProcess.python("trainer", [
+        "-m", "example_trainer.grpo", "--model-name", str(tiny_model), "--api-url", api_server,
+        "--vllm-port", str(port), "--save-path", str(tmp_path / "run"),
+        "--weight-bridge-mode", "none", "--training-steps", "5", "--batch-poll-timeout", "600",
+        "--vllm-args", "--gpu-memory-utilization 0.1 --max-model-len 512 --enforce-eager",
+    ], tmp_path / "trainer.log")
+    try:
+        trainer.wait_healthy(f"http://127.0.0.1:{port}/health", 300)  # its vLLM answers
+        started = re.search(r"started vllm \(pid (\d+)\)", trainer.log_path.read_text())
+        assert started, trainer.log_tail()
+        vllm_pid = int(started.group(1))
+        os.kill(trainer.pid, signal.SIGTERM)  # the trainer alone, not its group
+        assert trainer.popen.wait(timeout=60) == 130, trainer.log_tail()
+    finally:
+        trainer.stop()
+    gone = _pid_gone(vllm_pid, 30)
+    if not gone:  # don't leave it running for the rest of the suite
+        os.killpg(vllm_pid, signal.SIGKILL)
+    assert gone, f"vLLM pid {vllm_pid} outlived the trainer"
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    assert "interrupted" in trainer.log_path.read_text()
