@@ -17,28 +17,11 @@ from example_trainer.config import parse_config
 from example_trainer.process import free_port
 from example_trainer.trainer import load_model
 from tests.conftest import start_vllm_server
+from tests.shared_vllm_probe import hf_logits
+from tests.test_bridges_integration import PROMPT_IDS, first_token_logprobs, max_change
 from vllm_patching import bridge_config
 
 pytestmark = pytest.mark.integration
-
-PROMPT_IDS = [1, 4093, 314, 216, 28, 284, 34, 47, 2]  # any fixed token ids
-TOP = 5
-
-
-def served_top_logprobs(url: str) -> dict[int, float]:
-    """The server's top-5 logprobs of the next token after PROMPT_IDS (greedy, /generate: the
-    route that serves the active LoRA adapter too)."""
-    resp = requests.post(f"{url}/generate", json={
-        "prompt": {"prompt_token_ids": PROMPT_IDS}, "max_tokens": 1, "temperature": 0.0,
-        "logprobs": TOP}, timeout=120)
-    resp.raise_for_status()
-    return {int(k): float(v) for entry in resp.json()["logprobs"][0][0] for k, v in entry.items()}
-
-
-def hf_next_logprobs(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([PROMPT_IDS])).logits[0, -1].float()
-    return torch.log_softmax(logits, -1)
 
 
 @pytest.fixture(params=["shared_vllm", "lora_only", "none"])
@@ -71,10 +54,10 @@ def test_a_step_reaches_the_server_through_every_bridge(bridge_setup, tiny_model
     bridge = make_bridge(cfg)
     try:
         model, _ = load_model(cfg, bridge)
-        before = served_top_logprobs(cfg.vllm_url)
-        hf_before = hf_next_logprobs(model)
+        before = first_token_logprobs(cfg.vllm_url)  # /generate: serves the active LoRA too
+        hf_before = torch.log_softmax(hf_logits(model, PROMPT_IDS)[-1], -1)
         # The base weights are the same on both sides before any step.
-        assert max(abs(v - hf_before[k].item()) for k, v in before.items()) < 0.05
+        assert max(abs(v - hf_before[int(k)].item()) for k, v in before.items()) < 0.05
 
         # One Adam step on -log p(runner-up | prompt): the top-5 logprobs move by far more than
         # the two engines' bf16 noise.
@@ -88,10 +71,10 @@ def test_a_step_reaches_the_server_through_every_bridge(bridge_setup, tiny_model
         metrics = bridge.after_step(1)
         assert metrics["time/sync"] >= 0
 
-        after = served_top_logprobs(cfg.vllm_url)
-        hf_after = hf_next_logprobs(model)
-        moved = max(abs(after[k] - before[k]) for k in after.keys() & before.keys())
-        gap = max(abs(v - hf_after[k].item()) for k, v in after.items())
+        after = first_token_logprobs(cfg.vllm_url)
+        hf_after = torch.log_softmax(hf_logits(model, PROMPT_IDS)[-1], -1)
+        moved = max_change(before, after)
+        gap = max(abs(v - hf_after[int(k)].item()) for k, v in after.items())
         print(f"{mode}: served logprobs moved {moved:.3f}, served vs HF after the step {gap:.4f}, "
               f"sync {metrics['time/sync'] * 1e3:.0f} ms")
         assert moved > 0.2, f"{mode}: the step did not reach the server"
