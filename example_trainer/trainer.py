@@ -16,6 +16,7 @@ import numpy as np
 import requests
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from example_trainer.api_client import ApiClient
 from example_trainer.bridges import WeightBridge, make_bridge
@@ -23,14 +24,12 @@ from example_trainer.checkpoint import latest_checkpoint, load_checkpoint, save_
 from example_trainer.config import TrainConfig, save_config
 from example_trainer.data import MicroBatch, collate, pack, rollouts_from_batch
 from example_trainer.loss import LossInputs, StepTotals, make_loss_fn, token_entropy, token_logprobs
+from example_trainer.machine import torch_dtype
 from example_trainer.metrics import MetricsLogger
 from example_trainer.models import resolve_model
 from example_trainer.optim import make_optimizer
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -42,7 +41,7 @@ def load_model(cfg: TrainConfig, bridge: WeightBridge) -> tuple[nn.Module, objec
 
     path = resolve_model(cfg.model_name)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    dtype = DTYPES[cfg.dtype]
+    dtype = torch_dtype(cfg.dtype)
     if bridge.needs_weights:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device())
     else:
@@ -55,11 +54,23 @@ def load_model(cfg: TrainConfig, bridge: WeightBridge) -> tuple[nn.Module, objec
 
 
 def sequence_logprobs(model: nn.Module, mb: MicroBatch) -> tuple[Tensor, Tensor]:
-    """(B, T-1) logprobs of the targets and per-token entropy (no grad) under `model`."""
-    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
+    """(B, T-1) logprobs of the targets and per-token entropy (no grad) under `model`; zero at
+    the positions before the first trained one, which no loss reads.
+
+    Two savings, each exact where a loss reads (measured on a 2-core CPU, 32 x 62 tokens, fp32:
+    forward+backward 24 s -> 11 s): no attention mask, because batches are right-padded, so
+    causal attention already keeps every real token from seeing padding (a mask would only
+    change the pad positions, and it takes SDPA off its fused causal kernel); and the LM head
+    and the softmax over the vocabulary run only from the first trained position on (HF's
+    logits_to_keep): with prompts longer than completions that is most of the positions.
+    """
+    first = int(mb.loss_mask.any(0).nonzero()[0]) if mb.num_tokens else 0
+    keep = mb.targets.shape[1] - first
+    logits = model(input_ids=mb.input_ids, logits_to_keep=keep + 1).logits[:, :-1]  # (B, keep, V)
     with torch.no_grad():
         entropy = token_entropy(logits)
-    return token_logprobs(logits, mb.targets), entropy
+    logprobs = token_logprobs(logits, mb.targets[:, first:])
+    return F.pad(logprobs, (first, 0)), F.pad(entropy, (first, 0))  # (B, T-1) each
 
 
 def make_ref_fn(cfg: TrainConfig, bridge: WeightBridge, model: nn.Module

@@ -41,6 +41,7 @@ from vllm.lora.request import LoRARequest  # noqa: E402
 from vllm.sampling_params import RequestOutputKind, SamplingParams  # noqa: E402
 
 from example_trainer import vllm_compat as compat  # noqa: E402
+from example_trainer.machine import resolve_dtype  # noqa: E402
 from vllm_patching import bridge_config, worker_ext  # noqa: E402 - shared_vllm weight export
 
 log = logging.getLogger("example_trainer.vllm_api_server")
@@ -315,6 +316,10 @@ def parse_args(argv: list[str] | None = None) -> Namespace:
     parser.set_defaults(host=DEFAULT_HOST, port=DEFAULT_PORT, gpu_memory_utilization=None)
     args = parser.parse_args(argv)
     worker_ext.configure_server_args(args)
+    if args.dtype == "auto":
+        # NOTE: vLLM's auto is the checkpoint's dtype (bf16 for most models), which a CPU without
+        # AVX512-BF16/AMX emulates ~90x slower; ours is the machine's, as the trainer's is.
+        args.dtype = resolve_dtype("auto")
     if args.gpu_memory_utilization is None:
         if compat.is_cpu_platform():
             args.gpu_memory_utilization = CPU_GPU_MEMORY_UTILIZATION

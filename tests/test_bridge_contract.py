@@ -46,10 +46,11 @@ def bridge_setup(request, tiny_model, tmp_path) -> Iterator[tuple[str, list[str]
         proc.stop()
 
 
-def test_a_step_reaches_the_server_through_every_bridge(bridge_setup, tiny_model, tmp_path: Path):
+def test_a_step_reaches_the_server_through_every_bridge(bridge_setup, tiny_model, dtype,
+                                                        tmp_path: Path):
     mode, flags = bridge_setup
     cfg = parse_config(["--model-name", str(tiny_model), "--weight-bridge-mode", mode,
-                        "--save-path", str(tmp_path / "run"), "--dtype", "bfloat16",
+                        "--save-path", str(tmp_path / "run"), "--dtype", dtype,
                         "--lora-r", "8", "--lora-alpha", "32", *flags])
     bridge = make_bridge(cfg)
     try:

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from example_trainer.config import parse_config
 from example_trainer.process import ManagedProcess, free_port
 from example_trainer.trainer import train
+from tests.conftest import DTYPE
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +57,7 @@ def trainer_cfg(model, tmp_path, api: str, vllm_port: int, *extra: str):
         "--model-name", str(model), "--api-url", api, "--vllm-port", str(vllm_port),
         "--save-path", str(tmp_path / "run"), "--batch-size", "8",
         "--gradient-accumulation-steps", "2", "--max-token-len", "256",
-        "--batch-poll-timeout", "300", "--dtype", "bfloat16", *extra,
+        "--batch-poll-timeout", "300", "--dtype", DTYPE, *extra,
     ])
 
 

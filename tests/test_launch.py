@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import DTYPE, ROOT
 
 
 def pid_alive(pid: int) -> bool:
@@ -23,11 +23,13 @@ def pid_alive(pid: int) -> bool:
 
 
 @pytest.mark.integration
-def test_launcher_trains_and_stops_everything(tiny_model, tmp_path):
+def test_launcher_trains_and_stops_everything(smollm2_model, tmp_path):
+    """The README's demo command, 2 steps. SmolLM2, not the tiny random model: the demo trains
+    only on groups whose rewards differ, and a random model never earns one."""
     run_dir = tmp_path / "run"
     out = subprocess.run(
         [sys.executable, "-m", "example_trainer.launch", "--preset", "cpu-demo", "--model",
-         str(tiny_model), "--steps", "2", "--skip-eval", "--run-dir", str(run_dir)],
+         str(smollm2_model), "--steps", "2", "--skip-eval", "--run-dir", str(run_dir)],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
     log = out.stdout + out.stderr
@@ -38,3 +40,9 @@ def test_launcher_trains_and_stops_everything(tiny_model, tmp_path):
     assert len(re.findall(r"trainer: step \d+ \|", log)) == 2  # step lines were streamed
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["adv/std"] > 0 for r in rows)  # only groups with a reward spread were trained
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["dtype"] == DTYPE and report["machine"]["auto_dtype"] == DTYPE
+    assert len(report["reward_per_step"]) == 2 and report["wall_seconds"] > 0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["dtype"] == DTYPE  # vLLM and the trainer on the machine's dtype

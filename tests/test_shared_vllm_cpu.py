@@ -37,7 +37,7 @@ SHARED_ENV = {"VLLM_ENABLE_SHARED_WEIGHTS": "1"}
 def shared_server(smollm2_model, tmp_path_factory) -> Iterator[tuple[str, str]]:
     """Our server on SmolLM2 exporting its weights; yields (url, bridge config path)."""
     logdir = tmp_path_factory.mktemp("shared_cpu")
-    proc, url = start_vllm_server(smollm2_model, logdir / "vllm.log", ["--dtype", "bfloat16"],
+    proc, url = start_vllm_server(smollm2_model, logdir / "vllm.log", [],
                                   env={**SHARED_ENV, "LOGDIR": str(logdir)})
     yield url, str(logdir / bridge_config.CONFIG_NAME)
     proc.stop()

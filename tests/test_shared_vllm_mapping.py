@@ -207,7 +207,7 @@ def good_config(**over) -> dict:
     ({"shared_weights_enabled": False}, "VLLM_ENABLE_SHARED_WEIGHTS=1"),
 ])
 def test_refusals_name_the_fix(over, needle):
-    cfg = TrainConfig(weight_bridge_mode="shared_vllm")
+    cfg = TrainConfig(weight_bridge_mode="shared_vllm", dtype="bfloat16")
     check_bridge_config(good_config(), cfg)
     with pytest.raises(MappingError, match="shared_vllm cannot attach") as e:
         check_bridge_config(good_config(**over), cfg)

@@ -33,10 +33,11 @@ class RestartBridge(WeightBridge):
         self.restarts = 0
 
     def _start(self, model_path: str) -> float:
+        # vLLM serves the trainer's dtype unless --vllm-args names another (the last flag wins).
         self.proc, seconds = start_vllm(
             model_path, self.cfg.vllm_host, self.cfg.vllm_port,
-            self.run_dir / "logs" / f"vllm_{self.restarts}.log", self.cfg.vllm_args,
-            self.cfg.vllm_start_timeout,
+            self.run_dir / "logs" / f"vllm_{self.restarts}.log",
+            f"--dtype {self.cfg.dtype} {self.cfg.vllm_args}", self.cfg.vllm_start_timeout,
         )
         log.info("vLLM (pid %d) serving %s, healthy after %.1fs", self.proc.pid, model_path,
                  seconds)

@@ -23,14 +23,12 @@ from torch import nn
 from example_trainer.bridges import shared_tensors
 from example_trainer.bridges.base import WeightBridge
 from example_trainer.config import TrainConfig
+from example_trainer.machine import torch_dtype
 from example_trainer.models import resolve_model
 from vllm_patching import bridge_config
 from vllm_patching.mapping import MappingError
 
 log = logging.getLogger(__name__)
-
-TRAINER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
 
 def check_bridge_config(config: dict[str, Any], cfg: TrainConfig) -> None:
     """Refuse what single copy cannot train, with the fix, before any handle is opened."""
@@ -46,7 +44,7 @@ def check_bridge_config(config: dict[str, Any], cfg: TrainConfig) -> None:
         (not config["quantization"] and not hf.get("quantization_config"),
          f"vLLM serves a quantized model ({config['quantization'] or 'quantization_config'}): "
          "its weights cannot be trained in place; serve the unquantized checkpoint"),
-        (config["dtype"] == str(TRAINER_DTYPES[cfg.dtype]),
+        (config["dtype"] == str(torch_dtype(cfg.dtype)),
          f"vLLM serves {config['dtype']} weights but --dtype is {cfg.dtype}: pass --dtype "
          f"{config['dtype'].removeprefix('torch.')} (one copy has one dtype; use "
          "--optimizer adamw_fp32_master or adamw_kahan for precise bf16 updates)"),
@@ -118,7 +116,7 @@ class SharedVllmBridge(WeightBridge):
         from transformers import AutoModelForCausalLM
 
         ref = AutoModelForCausalLM.from_pretrained(resolve_model(self.cfg.model_name),
-                                                   dtype=TRAINER_DTYPES[self.cfg.dtype])
+                                                   dtype=torch_dtype(self.cfg.dtype))
         return ref.to(device).eval().requires_grad_(False)
 
     def _check_server(self) -> None:
