@@ -6,8 +6,8 @@
         --openai.base_url http://localhost:9001      # prints {"accuracy": ...} (greedy, test split)
 
 --env.data_path is a folder with train.jsonl and test.jsonl (fields question, answer), or a hub
-dataset name such as openai/gsm8k (config "main"); the default is ../shared/data/gsm8k next to
-the repository.
+dataset name such as openai/gsm8k (config "main"); the default is the copy shipped in this
+package, environments/data/gsm8k (MIT, see its LICENSE), so a fresh clone needs nothing else.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as `python environments/gsm8k_server.py`
 from environments.base import BaseEnv  # noqa: E402
 from environments.env_config import BaseEnvConfig, config_field  # noqa: E402
 
-DEFAULT_DATA_PATH = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+DEFAULT_DATA_PATH = Path(__file__).resolve().parent / "data" / "gsm8k"
 SYSTEM_PROMPT = (
     "Solve the math problem step by step. "
     "End with the final answer as a number in \\boxed{}, e.g. \\boxed{42}."
