@@ -40,6 +40,8 @@ class TrainConfig:
                                   "most this many (padded) tokens instead of batch_size sequences")
     max_token_len: int = opt(2048, "longest sequence (prompt + completion) the trainer accepts")
     batch_poll_timeout: float = opt(1800.0, "seconds to wait for a batch before giving up")
+    server_retry_s: float = opt(300.0, "seconds to keep retrying an unreachable or restarting "
+                                "batching API or inference server before giving up")
     # --- optimisation ---
     training_steps: int = opt(10, "optimizer steps to run")
     lr: float = opt(1e-5, "peak learning rate", aliases=("--learning-rate",))

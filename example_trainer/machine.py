@@ -53,6 +53,13 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, resolve_dtype(name.removeprefix("torch."), quiet=True))
 
 
+def device() -> torch.device:
+    """Where the trainer computes: the GPU when there is one."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _cuda() -> bool:
     import torch
 

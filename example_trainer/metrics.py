@@ -26,6 +26,22 @@ STEP_KEYS = (
 BENCHMARK_KEYS = ("time/step", "time/wait_batch", "time/fwd_bwd", "time/sync", "perf/tokens_per_s")
 
 
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop rows of steps after `step`: a run resumed from an earlier checkpoint redoes them,
+    and each step must appear once. Rewritten atomically (temp file + rename)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(keep) == len(lines):
+        return
+    log.info("metrics: dropping %d rows after step %d (redone on resume)", len(lines) - len(keep),
+             step)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
 class MetricsLogger:
     def __init__(self, cfg: TrainConfig, run_dir: Path, first_step: int) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -33,6 +49,7 @@ class MetricsLogger:
         self.benchmark = cfg.benchmark
         self.rows: list[dict[str, float]] = []
         self.path = run_dir / "metrics.jsonl"
+        _truncate_after(self.path, first_step)
         self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed in close()
         self._bar = tqdm(total=cfg.training_steps, initial=first_step, desc="grpo", unit="step",
                          dynamic_ncols=True, disable=None)

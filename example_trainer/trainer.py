@@ -3,17 +3,16 @@ bridge.after_step -> log -> checkpoint. It never asks which weight bridge it dri
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import math
 import random
 import resource
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import requests
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -24,33 +23,18 @@ from example_trainer.checkpoint import latest_checkpoint, load_checkpoint, save_
 from example_trainer.config import TrainConfig, save_config
 from example_trainer.data import MicroBatch, collate, pack, rollouts_from_batch
 from example_trainer.loss import LossInputs, StepTotals, make_loss_fn, token_entropy, token_logprobs
-from example_trainer.machine import torch_dtype
+from example_trainer.machine import device
 from example_trainer.metrics import MetricsLogger
 from example_trainer.models import resolve_model
 from example_trainer.optim import make_optimizer
 
 log = logging.getLogger(__name__)
 
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load_model(cfg: TrainConfig, bridge: WeightBridge) -> tuple[nn.Module, object]:
-    """Tokenizer + the model to train, as the bridge wants it (loaded weights, or a skeleton)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """Tokenizer + the model to train, as the bridge builds it."""
+    from transformers import AutoTokenizer
 
-    path = resolve_model(cfg.model_name)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    dtype = torch_dtype(cfg.dtype)
-    if bridge.needs_weights:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device())
-    else:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
-    return bridge.attach(model), tokenizer
+    return bridge.build_model(), AutoTokenizer.from_pretrained(resolve_model(cfg.model_name))
 
 
 def sequence_logprobs(model: nn.Module, mb: MicroBatch) -> tuple[Tensor, Tensor]:
@@ -78,8 +62,6 @@ def make_ref_fn(cfg: TrainConfig, bridge: WeightBridge, model: nn.Module
     """Reference logprobs for the KL term, or nothing when --kl-coef is 0 (picked once)."""
     if cfg.kl_coef <= 0:
         return lambda mb: None
-    with bridge.reference(model):
-        pass  # fail before training if the bridge has no reference policy
 
     def ref_fn(mb: MicroBatch) -> Tensor:
         with bridge.reference(model) as ref_model, torch.no_grad():
@@ -115,23 +97,20 @@ def forward_backward(model: nn.Module, micro: list[MicroBatch], loss_fn, ref_fn,
     return total_loss, sums
 
 
-def make_generation_gate(cfg: TrainConfig) -> Callable[[], contextlib.AbstractContextManager]:
-    """Context for the compute part of a step: a no-op, or with --pause-generation-during-step a
-    pause of the inference server, so that on a small CPU machine generation and training take
-    turns instead of thrashing the same cores (in-flight requests freeze and resume)."""
-    if not cfg.pause_generation_during_step:
-        return contextlib.nullcontext
-
-    @contextlib.contextmanager
-    def paused() -> Iterator[None]:
-        requests.post(f"{cfg.vllm_url}/pause", params={"mode": "keep"}, timeout=60
-                      ).raise_for_status()
-        try:
-            yield
-        finally:
-            requests.post(f"{cfg.vllm_url}/resume", timeout=60).raise_for_status()
-
-    return paused
+def apply_step(bridge: WeightBridge, optimizer: torch.optim.Optimizer, scheduler, step: int,
+               loss: float, grad_norm: float) -> float | None:
+    """optimizer.step() inside the bridge's fence; returns its seconds, or None when the loss or
+    the gradient is not finite: then nothing is written (NaN would spread into every weight, and
+    with a single copy into the served model) and the step is logged as skipped."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        log.warning("step %d: loss %s, grad norm %s: not finite, optimizer step skipped (check "
+                    "the scores and logprobs the environments send)", step, loss, grad_norm)
+        return None
+    t0 = time.monotonic()
+    with bridge.step_fence():  # shared weights: no generation reads the write
+        optimizer.step()
+    scheduler.step()
+    return time.monotonic() - t0
 
 
 def _seed(seed: int) -> None:
@@ -159,7 +138,6 @@ def train(cfg: TrainConfig, bridge: WeightBridge | None = None) -> list[dict[str
         optimizer, scheduler = make_optimizer(cfg, params)
         loss_fn = make_loss_fn(cfg)
         ref_fn = make_ref_fn(cfg, bridge, model)
-        generation_gate = make_generation_gate(cfg)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
 
@@ -169,13 +147,16 @@ def train(cfg: TrainConfig, bridge: WeightBridge | None = None) -> list[dict[str
             start = load_checkpoint(ckpt, model, optimizer, scheduler)
         elif cfg.resume:
             log.warning("--resume: no checkpoint in %s, starting from step 0", run_dir)
-        client = ApiClient(cfg.api_url)
-        client.register(cfg, starting_step=start)  # the first /batch follows at once
+        client = ApiClient(cfg.api_url, retry_s=cfg.server_retry_s)
+        # the first /batch follows at once (atroposlib's run-api waits for it to admit envs)
+        client.register(cfg, starting_step=start,
+                        vocab_size=getattr(model.config, "vocab_size", None))
         metrics = MetricsLogger(cfg, run_dir, first_step=start)
 
+        skipped = 0  # steps whose loss or gradient was not finite (nothing written)
         for step in range(start + 1, cfg.training_steps + 1):
             t_step = time.monotonic()
-            batch = client.get_batch(cfg.batch_poll_timeout)
+            batch = client.get_batch(cfg.batch_poll_timeout, steps_done=step - 1)
             t_batch = time.monotonic() - t_step
 
             rollouts = rollouts_from_batch(batch, cfg.max_token_len, cfg.scale_advantages)
@@ -185,15 +166,12 @@ def train(cfg: TrainConfig, bridge: WeightBridge | None = None) -> list[dict[str
                                 num_seqs=len(rollouts))
 
             t0 = time.monotonic()
-            with generation_gate():
+            with bridge.generation_gate():
                 optimizer.zero_grad(set_to_none=True)
                 total_loss, sums = forward_backward(model, micro, loss_fn, ref_fn, totals)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-                t_fence = time.monotonic()
-                with bridge.step_fence():  # shared weights: no generation reads the write
-                    optimizer.step()
-                t_fence = time.monotonic() - t_fence
-                scheduler.step()
+                t_fence = apply_step(bridge, optimizer, scheduler, step, total_loss, grad_norm)
+                skipped += t_fence is None
                 t_fwd_bwd = time.monotonic() - t0
                 sync_metrics = bridge.after_step(step)
 
@@ -212,7 +190,8 @@ def train(cfg: TrainConfig, bridge: WeightBridge | None = None) -> list[dict[str
                 "perf/mem_gib": _memory_gib(),
                 "time/wait_batch": t_batch,
                 "time/fwd_bwd": t_fwd_bwd,
-                "time/optim_step": t_fence,
+                "time/optim_step": t_fence or 0.0,
+                "optim/skipped_steps": skipped,
                 **sync_metrics,
             }
             row["time/step"] = time.monotonic() - t_step

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from example_trainer.machine import cpu_capability, cpu_has_native_bf16, resolve_dtype
+from example_trainer.machine import cpu_capability, cpu_has_native_bf16
 from example_trainer.models import smollm2_path, tiny_llama_path
-from example_trainer.process import ManagedProcess, free_port
-
-ROOT = Path(__file__).resolve().parents[1]
-GSM8K_DIR = ROOT.parent / "shared" / "data" / "gsm8k"
-# The one dtype of every test's models and servers: what this machine computes natively
-# (float32 on CPUs that emulate bf16, where bf16 would make the suite ~10x slower).
-DTYPE = resolve_dtype("auto", quiet=True)
-# vLLM on the CPU: a small KV cache, eager mode, short context keep start-up near 30 s.
-VLLM_CPU_ARGS = ["--gpu-memory-utilization", "0.1", "--max-model-len", "1024", "--enforce-eager",
-                 "--dtype", DTYPE]
+from tests.helpers import DTYPE, start_api_server, start_vllm_server
 
 
 def pytest_report_header(config) -> str:
@@ -65,26 +55,6 @@ def logs_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("logs")
 
 
-def start_vllm_server(model: Path | str, log_path: Path, extra: list[str] | None = None,
-                      env: dict[str, str] | None = None) -> tuple[ManagedProcess, str]:
-    """Our inference server on a free port; returns (process, base_url) once /health is 200."""
-    port = free_port()
-    proc = ManagedProcess.python(
-        "vllm_api_server",
-        ["-m", "example_trainer.vllm_api_server", "--model", str(model), "--port", str(port),
-         "--host", "127.0.0.1", *VLLM_CPU_ARGS, *(extra or [])],
-        log_path,
-        env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", **(env or {})},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        proc.wait_healthy(f"{url}/health", float(os.environ.get("VLLM_START_TIMEOUT", 300)))
-    except BaseException:
-        proc.stop()
-        raise
-    return proc, url
-
-
 @pytest.fixture(scope="session")
 def vllm_server(tiny_model, logs_dir) -> Iterator[str]:
     """One real vllm-cpu server on the tiny model, LoRA enabled, shared by the integration tests."""
@@ -105,21 +75,6 @@ def smollm2_server(smollm2_model, logs_dir) -> Iterator[str]:
     )
     yield url
     proc.stop()
-
-
-def start_api_server(log_path: Path, extra: list[str] | None = None) -> tuple[ManagedProcess, str]:
-    port = free_port()
-    proc = ManagedProcess.python(
-        "api_server", ["-m", "environments.api_server", "--port", str(port), *(extra or [])],
-        log_path,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        proc.wait_healthy(f"{url}/status", timeout_s=60)
-    except BaseException:
-        proc.stop()
-        raise
-    return proc, url
 
 
 @pytest.fixture()

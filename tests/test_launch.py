@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.conftest import DTYPE, ROOT
+from tests.helpers import DTYPE, ROOT
 
 
 def pid_alive(pid: int) -> bool:

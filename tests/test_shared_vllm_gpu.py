@@ -22,7 +22,7 @@ import torch
 
 from example_trainer.models import resolve_model
 from example_trainer.process import ManagedProcess, free_port
-from tests.shared_vllm_probe import (
+from tests.helpers import (
     PROMPT_IDS,
     attach,
     hf_logits,

@@ -44,6 +44,18 @@ def test_training_loop_fits_and_never_names_a_bridge_mode():
     assert not re.search(r"weight_bridge_mode|shared_vllm|lora_only", text)
 
 
+def test_the_loop_never_chooses_a_path_by_the_bridge():
+    """No `if bridge.x`, `a if bridge.x else b`, `while bridge.x` or `bridge.x and ...` in the
+    trainer: what differs between bridges lives behind WeightBridge's methods."""
+    tree = ast.parse((ROOT / "example_trainer" / "trainer.py").read_text())
+    tests = [n.test for n in ast.walk(tree) if isinstance(n, (ast.If, ast.IfExp, ast.While))]
+    tests += [v for n in ast.walk(tree) if isinstance(n, ast.BoolOp) for v in n.values]
+    reads = [ast.unparse(node) for t in tests for node in ast.walk(t)
+             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+             and node.value.id == "bridge"]
+    assert not reads, reads
+
+
 def test_loss_module_is_pure():
     tree = ast.parse((ROOT / "example_trainer" / "loss.py").read_text())
     imported = {alias.name.split(".")[0] for node in ast.walk(tree)

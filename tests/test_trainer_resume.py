@@ -65,30 +65,32 @@ def config(tiny_model, api: str, save: str, steps: int, *extra: str):
     ])
 
 
+def run(cfg) -> list[dict[str, float]]:
+    return train(cfg, NoSyncBridge(cfg))
+
+
 def weights(step_dir) -> dict[str, torch.Tensor]:
     return load_file(step_dir / "model" / "model.safetensors")
 
 
 @pytest.mark.integration
 def test_resume_matches_straight_run(tiny_model, tmp_path):
-    from tests.conftest import start_api_server
+    from tests.helpers import start_api_server
 
     groups = make_groups(4)
     api_proc, api = start_api_server(tmp_path / "api_a.log")
     try:
         feed(api, groups)
-        straight = train(config(tiny_model, api, str(tmp_path / "a"), 4, "--benchmark"),
-                         NoSyncBridge())
+        straight = run(config(tiny_model, api, str(tmp_path / "a"), 4, "--benchmark"))
     finally:
         api_proc.stop()
 
     api_proc, api = start_api_server(tmp_path / "api_b.log")
     try:
         feed(api, groups[:2])
-        first = train(config(tiny_model, api, str(tmp_path / "b"), 2, "--save-interval", "2"),
-                      NoSyncBridge())
+        first = run(config(tiny_model, api, str(tmp_path / "b"), 2, "--save-interval", "2"))
         feed(api, groups[2:])
-        second = train(config(tiny_model, api, str(tmp_path / "b"), 4, "--resume"), NoSyncBridge())
+        second = run(config(tiny_model, api, str(tmp_path / "b"), 4, "--resume"))
     finally:
         api_proc.stop()
 
@@ -115,9 +117,31 @@ def test_resume_matches_straight_run(tiny_model, tmp_path):
 
 
 @pytest.mark.integration
+def test_resume_from_an_earlier_checkpoint_does_not_repeat_metrics_rows(tiny_model, tmp_path):
+    """Killed after step 3 with the last checkpoint at step 2: the resumed run redoes step 3,
+    and metrics.jsonl holds each step once."""
+    import shutil
+
+    from tests.helpers import start_api_server
+
+    api_proc, api = start_api_server(tmp_path / "api.log")
+    try:
+        feed(api, make_groups(3))
+        run(config(tiny_model, api, str(tmp_path / "c"), 3, "--save-interval", "2"))
+        shutil.rmtree(tmp_path / "c" / "step_3")  # as if killed before the step-3 save
+        feed(api, make_groups(2, seed=1))
+        resumed = run(config(tiny_model, api, str(tmp_path / "c"), 4, "--resume"))
+    finally:
+        api_proc.stop()
+    assert [r["step"] for r in resumed] == [3, 4]
+    lines = (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+
+
+@pytest.mark.integration
 def test_micro_batching_does_not_change_the_step(tiny_model, tmp_path):
     """Token-budget packing and count packing give the same loss and gradient step."""
-    from tests.conftest import start_api_server
+    from tests.helpers import start_api_server
 
     groups = make_groups(1, seed=5)
     one_micro_batch = ("--batch-size", "4", "--gradient-accumulation-steps", "1")
@@ -126,8 +150,7 @@ def test_micro_batching_does_not_change_the_step(tiny_model, tmp_path):
         api_proc, api = start_api_server(tmp_path / f"api_{i}.log")
         try:
             feed(api, groups)
-            row = train(config(tiny_model, api, str(tmp_path / f"r{i}"), 1, *extra),
-                        NoSyncBridge())[0]
+            row = run(config(tiny_model, api, str(tmp_path / f"r{i}"), 1, *extra))[0]
             results.append((row, weights(tmp_path / f"r{i}" / "step_1")))
         finally:
             api_proc.stop()

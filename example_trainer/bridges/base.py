@@ -8,18 +8,48 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from example_trainer.config import TrainConfig
+from example_trainer.machine import device, torch_dtype
+from example_trainer.models import resolve_model
+from example_trainer.vllm_client import VllmClient
+
 
 class WeightBridge(ABC):
     """How updated weights reach vLLM. The loop calls only these methods, never asks the mode.
 
-    attach(model) -> the model to train (may wrap it, e.g. in LoRA); after_step(step) brings the
-    update to inference and returns its metrics (at least `time/sync`); close() releases what the
-    bridge started.
+    build_model() -> the model to train, as this bridge needs it (loaded weights, LoRA-wrapped,
+    or bound to vLLM's own memory), with its KL reference when --kl-coef asks for one;
+    after_step(step) brings the update to inference and returns its metrics (at least
+    `time/sync`); close() releases what the bridge started.
     """
 
-    #: False when the bridge supplies the weights itself (shared_vllm binds vLLM's tensors), so
-    #: the trainer builds the model skeleton without loading a checkpoint.
-    needs_weights: bool = True
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.client = VllmClient(cfg.vllm_url, cfg.server_retry_s)  # all talk to the server
+        #: A frozen copy of the initial weights, for full fine-tuning with a KL term.
+        self.ref_model: nn.Module | None = None
+
+    def build_model(self) -> nn.Module:
+        model = self.initial_model()
+        if self.cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+        model = self.attach(model)
+        if self.cfg.kl_coef > 0:
+            self.ref_model = self.reference_model()
+        return model
+
+    def initial_model(self) -> nn.Module:
+        """The HF model before attach(): the checkpoint's weights on the training device."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(
+            resolve_model(self.cfg.model_name), dtype=torch_dtype(self.cfg.dtype)).to(device())
+
+    def reference_model(self) -> nn.Module | None:
+        """The frozen reference for the KL term. NOTE: a second copy of the weights, in trainer
+        memory; it exists only when the KL term is asked for."""
+        return self.initial_model().eval().requires_grad_(False)
 
     @abstractmethod
     def attach(self, model: nn.Module) -> nn.Module: ...
@@ -27,25 +57,26 @@ class WeightBridge(ABC):
     @abstractmethod
     def after_step(self, step: int) -> dict[str, float]: ...
 
-    #: A frozen copy of the initial weights, set by bridges that train the full model and were
-    #: asked for a KL term; `reference` yields it.
-    ref_model: nn.Module | None = None
-
     @contextlib.contextmanager
     def reference(self, model: nn.Module) -> Iterator[nn.Module]:
         """Context that yields the module computing the reference policy (for the KL term)."""
-        if self.ref_model is not None:
-            yield self.ref_model
-            return
-        raise NotImplementedError(
-            f"{type(self).__name__} has no reference policy: use --kl-coef 0, or "
-            "--weight-bridge-mode lora_only where the base model (adapters off) is the reference"
-        )
+        if self.ref_model is None:
+            raise RuntimeError("no reference policy: build_model() makes one when --kl-coef > 0")
+        yield self.ref_model
+
+    def generation_gate(self) -> contextlib.AbstractContextManager:
+        """Context around the compute of a step: with --pause-generation-during-step the
+        server's generation is paused, so that on a small CPU machine generation and training
+        take turns instead of thrashing the same cores (in-flight requests freeze, then go on).
+        The client's pause nests, so a fence inside it does not reopen generation early."""
+        if not self.cfg.pause_generation_during_step:
+            return contextlib.nullcontext()
+        return self.client.paused()
 
     def step_fence(self) -> contextlib.AbstractContextManager:
         """Context around optimizer.step(): a bridge whose weights vLLM reads while the
         optimizer writes them pauses generation here."""
         return contextlib.nullcontext()
 
-    def close(self) -> None:  # noqa: B027 - optional hook
-        pass
+    def close(self) -> None:
+        self.client.close()

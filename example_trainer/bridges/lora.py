@@ -11,7 +11,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import requests
 from torch import nn
 
 from example_trainer.bridges.base import WeightBridge
@@ -25,7 +24,7 @@ KEEP_ADAPTERS = 4  # adapter folders kept on disk (the served one and the 3 befo
 
 class LoraBridge(WeightBridge):
     def __init__(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg
+        super().__init__(cfg)
         self.adapter_dir = Path(cfg.save_path) / "adapters"
         self.model = None
 
@@ -45,15 +44,9 @@ class LoraBridge(WeightBridge):
         return self.model
 
     def _check_server(self) -> None:
-        url = f"{self.cfg.vllm_url}/lora/status"
-        try:
-            requests.get(url, timeout=10).raise_for_status()
-        except requests.RequestException as e:
-            raise ConnectionError(
-                f"lora_only needs our inference server at {self.cfg.vllm_url} started with "
-                f"--enable-lora --max-lora-rank >= {self.cfg.lora_r} "
-                f"(python -m example_trainer.vllm_api_server ...): {url} failed: {e}"
-            ) from e
+        self.client.check("/lora/status", "lora_only needs our inference server started with "
+                          f"--enable-lora --max-lora-rank >= {self.cfg.lora_r} "
+                          "(python -m example_trainer.vllm_api_server ...)")
 
     def after_step(self, step: int) -> dict[str, float]:
         if step % self.cfg.lora_sync_interval:
@@ -61,11 +54,7 @@ class LoraBridge(WeightBridge):
         t0 = time.monotonic()
         final = save_model_folder(self.model, None, self.adapter_dir / f"step_{step}")
         t_save = time.monotonic() - t0
-        resp = requests.post(f"{self.cfg.vllm_url}/lora/load",
-                             json={"adapter_path": str(final.resolve()),
-                                   "adapter_name": f"step_{step}"}, timeout=120)
-        if resp.status_code != 200:
-            raise RuntimeError(f"/lora/load of {final} failed ({resp.status_code}): {resp.text}")
+        self.client.load_lora(str(final.resolve()), f"step_{step}")
         t_total = time.monotonic() - t0
         self._prune()
         return {"time/sync": t_total, "sync/save_s": t_save, "sync/load_s": t_total - t_save}
@@ -80,6 +69,9 @@ class LoraBridge(WeightBridge):
         steps = sorted(self.adapter_dir.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
         for old in steps[:-KEEP_ADAPTERS]:
             shutil.rmtree(old, ignore_errors=True)
+
+    def reference_model(self) -> None:
+        return None  # free: the base model with the adapters disabled (reference() below)
 
     @contextlib.contextmanager
     def reference(self, model: nn.Module) -> Iterator[nn.Module]:

@@ -4,7 +4,6 @@ no LoRA support needed; costs a server start per sync)."""
 
 from __future__ import annotations
 
-import copy
 import logging
 import shutil
 import time
@@ -24,12 +23,11 @@ log = logging.getLogger(__name__)
 
 class RestartBridge(WeightBridge):
     def __init__(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg
+        super().__init__(cfg)
         self.run_dir = Path(cfg.save_path)
         self.proc: ManagedProcess | None = None
         self.model: nn.Module | None = None
         self.tokenizer = None
-        self.ref_model: nn.Module | None = None
         self.restarts = 0
 
     def _start(self, model_path: str) -> float:
@@ -49,9 +47,6 @@ class RestartBridge(WeightBridge):
         path = resolve_model(self.cfg.model_name)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = model
-        if self.cfg.kl_coef > 0:
-            # Full fine-tuning: the reference is a frozen copy of the initial weights.
-            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         self._start(path)
         return model
 
@@ -73,5 +68,6 @@ class RestartBridge(WeightBridge):
                 "sync/restart_s": t_health, "sync/restarts": float(self.restarts)}
 
     def close(self) -> None:
+        super().close()
         if self.proc is not None:
             self.proc.stop()

@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import requests
 import torch
 from torch import nn
 
@@ -64,13 +63,9 @@ def _memory() -> tuple[int, int]:
 
 
 class SharedVllmBridge(WeightBridge):
-    needs_weights = False  # the trainer builds a meta skeleton; attach binds vLLM's tensors
-
     def __init__(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg
-        self.http = requests.Session()  # keep-alive: the fence is two round trips per step
+        super().__init__(cfg)
         self.tensors: dict[str, torch.Tensor] = {}
-        self.ref_model: nn.Module | None = None
         self.config_path = ""
         self.attach_stats: dict[str, float] = {}
         self._fence_metrics: dict[str, float] = {}
@@ -106,38 +101,26 @@ class SharedVllmBridge(WeightBridge):
                  len(list(model.parameters())), bound / 2**20, config["transport"], device,
                  path, self.attach_stats["attach/seconds"], buffers, (alloc2 - alloc0) / 2**20)
         self._check_server()
-        if self.cfg.kl_coef > 0:
-            # NOTE: a frozen reference is a second copy of the weights, in trainer memory; it
-            # exists only when the KL term is asked for.
-            self.ref_model = self._load_reference(device)
         return model
 
-    def _load_reference(self, device: torch.device) -> nn.Module:
-        from transformers import AutoModelForCausalLM
+    def initial_model(self) -> nn.Module:
+        """A skeleton on the meta device: no weights are loaded, attach binds vLLM's tensors."""
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-        ref = AutoModelForCausalLM.from_pretrained(resolve_model(self.cfg.model_name),
-                                                   dtype=torch_dtype(self.cfg.dtype))
-        return ref.to(device).eval().requires_grad_(False)
+        config = AutoConfig.from_pretrained(resolve_model(self.cfg.model_name))
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=torch_dtype(self.cfg.dtype))
+
+    def reference_model(self) -> nn.Module:
+        return super().initial_model().eval().requires_grad_(False)  # from disk, not a skeleton
 
     def _check_server(self) -> None:
         if self.cfg.hogwild:
             return
-        url = f"{self.cfg.vllm_url}/is_paused"
-        try:
-            self.http.get(url, timeout=10).raise_for_status()
-        except requests.RequestException as e:
-            raise ConnectionError(
-                f"shared_vllm fences optimizer steps with {self.cfg.vllm_url}/pause and /resume, "
-                f"but {url} failed ({e}): point --vllm-host/--vllm-port at the server that "
-                "exported the weights (ours, or `vllm serve` with VLLM_SERVER_DEV_MODE=1), or "
-                "pass --hogwild to train without a fence") from e
-
-    def _post(self, route: str, **params: str) -> float:
-        t0 = time.perf_counter()
-        resp = self.http.post(f"{self.cfg.vllm_url}{route}", params=params, timeout=60)
-        if resp.status_code != 200:
-            raise RuntimeError(f"{route} failed ({resp.status_code}): {resp.text[:300]}")
-        return time.perf_counter() - t0
+        self.client.check("/is_paused", "shared_vllm fences optimizer steps with /pause and "
+                          "/resume: point --vllm-host/--vllm-port at the server that exported the "
+                          "weights (ours, or `vllm serve` with VLLM_SERVER_DEV_MODE=1), or pass "
+                          "--hogwild to train without a fence")
 
     @contextlib.contextmanager
     def step_fence(self) -> Iterator[None]:
@@ -150,17 +133,16 @@ class SharedVllmBridge(WeightBridge):
             self._fence_metrics = {"sync/pause_s": 0.0, "sync/resume_s": 0.0}
             yield
             return
-        t_pause = self._post("/pause", mode="keep", clear_cache="true")
-        t0 = time.perf_counter()
-        try:
+        # clear_cache: no prefix-cache block computed with the old weights is reused after.
+        with self.client.paused(clear_cache=True) as times:
+            t0 = time.perf_counter()
             yield
             if torch.cuda.is_available():
                 torch.cuda.synchronize()  # the step's kernels must finish before vLLM reads
-        finally:
             t_write = time.perf_counter() - t0
-            t_resume = self._post("/resume")
-        self._fence_metrics = {"sync/pause_s": t_pause, "sync/resume_s": t_resume,
-                               "sync/stall_s": t_pause + t_write + t_resume}
+        self._fence_metrics = {"sync/pause_s": times["pause_s"],
+                               "sync/resume_s": times["resume_s"],
+                               "sync/stall_s": times["pause_s"] + t_write + times["resume_s"]}
 
     def after_step(self, step: int) -> dict[str, float]:
         # No copy to make: the step already wrote vLLM's memory. The sync cost is the fence.
@@ -169,5 +151,5 @@ class SharedVllmBridge(WeightBridge):
         return m
 
     def close(self) -> None:
-        self.http.close()
+        super().close()
         self.tensors = {}

@@ -1,0 +1,160 @@
+"""Faults on the trainer's side: a non-finite step writes nothing, the inference-server client
+nests pauses and retries a server that is away, and the API client registers again with an API
+that was killed and restarted."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+import torch
+
+from example_trainer.api_client import ApiClient
+from example_trainer.bridges.base import WeightBridge
+from example_trainer.config import parse_config
+from example_trainer.process import ManagedProcess, free_port
+from example_trainer.trainer import apply_step
+from example_trainer.vllm_client import InferenceServerError, VllmClient
+
+
+class FenceOnlyBridge(WeightBridge):
+    def attach(self, model):
+        return model
+
+    def after_step(self, step: int) -> dict[str, float]:
+        return {"time/sync": 0.0}
+
+
+@pytest.mark.parametrize("loss, grad_norm", [(math.nan, 1.0), (1.0, math.inf), (-math.inf, 1.0)])
+def test_a_non_finite_step_writes_nothing(loss, grad_norm):
+    w = torch.nn.Parameter(torch.ones(4))
+    w.grad = torch.full((4,), math.nan)
+    opt = torch.optim.AdamW([w], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    bridge = FenceOnlyBridge(parse_config([]))
+    assert apply_step(bridge, opt, sched, 1, loss, grad_norm) is None
+    assert torch.equal(w.detach(), torch.ones(4)) and not opt.state  # no step was taken
+    w.grad = torch.ones(4)
+    assert apply_step(bridge, opt, sched, 2, 0.5, 1.0) >= 0
+    assert (w.detach() < 1).all()
+
+
+class Recorder(BaseHTTPRequestHandler):
+    """An inference server's pause routes, recording what the client sent (the edge of the
+    client under test)."""
+
+    calls: list[str] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        type(self).calls.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(json.dumps({"status": "ok"}).encode())
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture()
+def recorder() -> Iterator[tuple[str, list[str]]]:
+    Recorder.calls = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", Recorder.calls
+    server.shutdown()
+
+
+def test_pauses_nest_and_only_the_outer_exit_resumes(recorder):
+    url, calls = recorder
+    client = VllmClient(url, retry_s=5)
+    with client.paused():  # the CPU gate around a whole step
+        with client.paused(clear_cache=True) as fence:  # the single-copy fence inside it
+            pass
+        assert fence["resume_s"] == 0.0
+        assert [c.split("?")[0] for c in calls] == ["/pause", "/pause"]
+        assert "clear_cache=true" in calls[1] and "lease_s=" in calls[0]
+    assert [c.split("?")[0] for c in calls] == ["/pause", "/pause", "/resume"]
+    client.close()
+
+
+def test_an_unreachable_server_is_retried_then_named_with_the_fix():
+    client = VllmClient(f"http://127.0.0.1:{free_port()}", retry_s=1.0)
+    with pytest.raises(InferenceServerError, match="is it running"):
+        client.call("POST", "/resume")
+
+
+def test_a_server_that_comes_back_is_reached(recorder):
+    url, calls = recorder
+    port = free_port()
+    client = VllmClient(f"http://127.0.0.1:{port}", retry_s=30)
+    server_holder: dict = {}
+
+    def start_late() -> None:
+        server = ThreadingHTTPServer(("127.0.0.1", port), Recorder)
+        server_holder["server"] = server
+        server.serve_forever()
+
+    timer = threading.Timer(1.5, start_late)  # the server comes up after the first failures
+    timer.start()
+    try:
+        assert client.call("POST", "/resume") == {"status": "ok"}
+    finally:
+        timer.join(5)
+        server_holder["server"].shutdown()
+    assert calls == ["/resume"]
+
+
+def _api(port: int, log_path) -> ManagedProcess:
+    proc = ManagedProcess.python("api", ["-m", "environments.api_server", "--port", str(port)],
+                                 log_path)
+    proc.wait_healthy(f"http://127.0.0.1:{port}/status", 60)
+    return proc
+
+
+def _group(tag: int) -> dict:
+    return {"tokens": [[1, tag, tag]] * 2, "masks": [[-100, tag, tag]] * 2, "scores": [1.0, 0.0]}
+
+
+@pytest.mark.integration
+def test_the_trainer_registers_again_with_a_restarted_api(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cfg = parse_config(["--api-url", url, "--batch-size", "2", "--training-steps", "5"])
+    client = ApiClient(url, retry_s=30)
+    api = _api(port, tmp_path / "api1.log")
+    try:
+        client.register(cfg, starting_step=0, vocab_size=100)
+        assert requests.get(f"{url}/info", timeout=5).json()["batch_size"] == 2
+        api.popen.send_signal(signal.SIGKILL)  # killed hard: its queue and registration are gone
+        api.popen.wait(10)
+    finally:
+        api.stop()
+    api = _api(port, tmp_path / "api2.log")
+    try:
+        def post_after_reregistration() -> None:
+            # An env posts once the new API knows a trainer again.
+            deadline = time.monotonic() + 30
+            while requests.get(f"{url}/info", timeout=5).json()["batch_size"] != 2:
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.1)  # poll interval
+            requests.post(f"{url}/scored_data", json=_group(7), timeout=5).raise_for_status()
+
+        poster = threading.Thread(target=post_after_reregistration)
+        poster.start()
+        batch = client.get_batch(30, steps_done=3)
+        poster.join(10)
+        status = requests.get(f"{url}/status", timeout=5).json()
+    finally:
+        api.stop()
+    assert [g["tokens"] for g in batch] == [_group(7)["tokens"]]
+    assert status["current_step"] == 4  # re-registered at step 3, then handed out one batch
