@@ -25,6 +25,7 @@ from example_trainer.launch import OPTIMIZER_FOR_DTYPE  # noqa: E402
 from example_trainer.machine import DTYPE_CHOICES, resolve_dtype  # noqa: E402
 from example_trainer.models import resolve_model  # noqa: E402
 from example_trainer.process import ManagedProcess, free_port, raise_on_sigterm  # noqa: E402
+from example_trainer.vllm_manager import server_args  # noqa: E402
 
 log = logging.getLogger("e2e_shared_vllm")
 
@@ -42,8 +43,7 @@ def start_stack(args: argparse.Namespace, run: Path, model: str
     procs = [ManagedProcess.python("api", ["-m", "environments.api_server", "--port",
                                            str(api_port)], run / "api.log")]
     procs.append(ManagedProcess.python(
-        "vllm", ["-m", "example_trainer.vllm_api_server", "--model", model, "--port",
-                 str(vllm_port), *args.vllm_args.split()], run / "vllm.log",
+        "vllm", server_args(model, vllm_port, args.vllm_args.split()), run / "vllm.log",
         env={"VLLM_ENABLE_SHARED_WEIGHTS": "1", "LOGDIR": str(run)}))
     procs[0].wait_healthy(f"{api_url}/status", 60)
     procs[1].wait_healthy(f"{vllm_url}/health", 900)

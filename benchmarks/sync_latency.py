@@ -39,6 +39,7 @@ from example_trainer.config import TrainConfig  # noqa: E402
 from example_trainer.machine import torch_dtype  # noqa: E402
 from example_trainer.models import resolve_model  # noqa: E402
 from example_trainer.process import ManagedProcess, free_port, raise_on_sigterm  # noqa: E402
+from example_trainer.vllm_manager import start_vllm  # noqa: E402
 
 log = logging.getLogger("sync_latency")
 CUDA = torch.cuda.is_available()
@@ -131,15 +132,9 @@ def make_cfg(args: argparse.Namespace, mode: str, run_dir: Path, port: int, **ov
 
 
 def start_server(cfg: TrainConfig, extra: list[str], env: dict[str, str]) -> ManagedProcess:
-    proc = ManagedProcess.python(
-        "vllm", ["-m", "example_trainer.vllm_api_server", "--model", resolve_model(cfg.model_name),
-                 "--port", str(cfg.vllm_port), *cfg.vllm_args.split(), *extra],
-        Path(cfg.save_path) / "vllm.log", env={"LOGDIR": cfg.logdir, **env})
-    try:
-        proc.wait_healthy(f"{cfg.vllm_url}/health", cfg.vllm_start_timeout)
-    except BaseException:
-        proc.stop()
-        raise
+    proc, _ = start_vllm(resolve_model(cfg.model_name), cfg.vllm_port,
+                         Path(cfg.save_path) / "vllm.log", [*cfg.vllm_args.split(), *extra],
+                         timeout_s=cfg.vllm_start_timeout, env={"LOGDIR": cfg.logdir, **env})
     return proc
 
 

@@ -26,6 +26,7 @@ from typing import Any
 from example_trainer.machine import DTYPE_CHOICES, machine_info, resolve_dtype
 from example_trainer.models import resolve_model
 from example_trainer.process import ManagedProcess, free_port, raise_on_sigterm
+from example_trainer.vllm_manager import server_args
 
 log = logging.getLogger("launch")
 
@@ -166,9 +167,8 @@ def start_servers(stack: Stack, preset: Preset, model: str, dtype: str) -> tuple
     # taking the cores the trainer needs (the env backs off on 429).
     api = stack.start("api", ["-m", "environments.api_server", "--port", str(api_port),
                               "--max-queue-sequences", str(2 * preset.batch)])
-    vllm = stack.start("vllm", ["-m", "example_trainer.vllm_api_server", "--model", model,
-                                "--port", str(vllm_port), *preset.vllm_args,
-                                *dtype_args(preset, dtype)[1]],
+    vllm = stack.start("vllm", server_args(model, vllm_port,
+                                           [*preset.vllm_args, *dtype_args(preset, dtype)[1]]),
                        env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
                             "LOGDIR": str(stack.run_dir), **preset.vllm_env})
     api_url, vllm_url = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{vllm_port}"

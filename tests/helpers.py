@@ -17,6 +17,7 @@ from example_trainer.config import TrainConfig, parse_config
 from example_trainer.machine import resolve_dtype
 from example_trainer.process import ManagedProcess, free_port
 from example_trainer.trainer import load_model
+from example_trainer.vllm_manager import OUR_SERVER, start_vllm
 from vllm_patching import bridge_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,23 +30,16 @@ VLLM_CPU_ARGS = ["--gpu-memory-utilization", "0.1", "--max-model-len", "1024", "
 
 
 def start_vllm_server(model: Path | str, log_path: Path, extra: list[str] | None = None,
-                      env: dict[str, str] | None = None) -> tuple[ManagedProcess, str]:
-    """Our inference server on a free port; returns (process, base_url) once /health is 200."""
+                      env: dict[str, str] | None = None, module: str = OUR_SERVER
+                      ) -> tuple[ManagedProcess, str]:
+    """A vLLM server (ours by default) on a free port; returns (process, base_url) once /health
+    is 200."""
     port = free_port()
-    proc = ManagedProcess.python(
-        "vllm_api_server",
-        ["-m", "example_trainer.vllm_api_server", "--model", str(model), "--port", str(port),
-         "--host", "127.0.0.1", *VLLM_CPU_ARGS, *(extra or [])],
-        log_path,
-        env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", **(env or {})},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        proc.wait_healthy(f"{url}/health", float(os.environ.get("VLLM_START_TIMEOUT", 300)))
-    except BaseException:
-        proc.stop()
-        raise
-    return proc, url
+    proc, _ = start_vllm(model, port, log_path, [*VLLM_CPU_ARGS, *(extra or [])],
+                         timeout_s=float(os.environ.get("VLLM_START_TIMEOUT", 300)),
+                         env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", **(env or {})},
+                         module=module, name=Path(log_path).stem)
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def start_api_server(log_path: Path, extra: list[str] | None = None) -> tuple[ManagedProcess, str]:

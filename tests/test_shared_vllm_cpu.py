@@ -12,12 +12,11 @@ import requests
 from transformers import AutoTokenizer
 
 from example_trainer.checkpoint import save_model_folder
-from example_trainer.process import ManagedProcess, free_port
 from example_trainer.trainer import train
+from example_trainer.vllm_manager import STOCK_SERVER
 from tests.helpers import (
     DTYPE,
     PROMPT_IDS,
-    VLLM_CPU_ARGS,
     attach,
     hf_logits,
     parity,
@@ -119,15 +118,11 @@ def test_grpo_trains_vllm_weights_in_place(smollm2_model, shared_server, api_ser
 
 
 def test_stock_vllm_serve_exports_through_the_plugin(tiny_model, tmp_path):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = ManagedProcess.python("vllm_stock", [
-        "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model), "--port",
-        str(port), "--host", "127.0.0.1", *VLLM_CPU_ARGS,
-    ], tmp_path / "vllm.log", env={**SHARED_ENV, "LOGDIR": str(tmp_path),
-                                   "VLLM_PLUGINS": "grpo_bridge", "VLLM_SERVER_DEV_MODE": "1"})
+    proc, url = start_vllm_server(
+        tiny_model, tmp_path / "vllm_stock.log", module=STOCK_SERVER,
+        env={**SHARED_ENV, "LOGDIR": str(tmp_path), "VLLM_PLUGINS": "grpo_bridge",
+             "VLLM_SERVER_DEV_MODE": "1"})
     try:
-        proc.wait_healthy(f"{url}/health", 300)
         path, config = bridge_config.find_live(logdir=str(tmp_path))
         assert config["transport"] == "cpu_shm" and config["num_params"] == 14
         # vLLM's own dev routes fence the step: POST /pause?mode=keep, POST /resume.

@@ -22,6 +22,7 @@ import torch
 
 from example_trainer.models import resolve_model
 from example_trainer.process import ManagedProcess, free_port
+from example_trainer.vllm_manager import start_vllm
 from tests.helpers import (
     PROMPT_IDS,
     attach,
@@ -56,16 +57,9 @@ def result(name: str, **numbers: float) -> None:
 def start(name: str, module: str, logdir: Path, args: list[str], env: dict[str, str]
           ) -> tuple[ManagedProcess, str]:
     port = free_port()
-    proc = ManagedProcess.python(name, ["-m", module, "--model", MODEL, "--port", str(port),
-                                        "--host", "127.0.0.1", *args],
-                                 logdir / f"{name}.log", env={"LOGDIR": str(logdir), **env})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        proc.wait_healthy(f"{url}/health", 900)
-    except BaseException:
-        proc.stop()
-        raise
-    return proc, url
+    proc, _ = start_vllm(MODEL, port, logdir / f"{name}.log", args, timeout_s=900,
+                         env={"LOGDIR": str(logdir), **env}, module=module, name=name)
+    return proc, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")

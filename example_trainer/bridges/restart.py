@@ -5,6 +5,7 @@ no LoRA support needed; costs a server start per sync)."""
 from __future__ import annotations
 
 import logging
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -33,9 +34,9 @@ class RestartBridge(WeightBridge):
     def _start(self, model_path: str) -> float:
         # vLLM serves the trainer's dtype unless --vllm-args names another (the last flag wins).
         self.proc, seconds = start_vllm(
-            model_path, self.cfg.vllm_host, self.cfg.vllm_port,
-            self.run_dir / "logs" / f"vllm_{self.restarts}.log",
-            f"--dtype {self.cfg.dtype} {self.cfg.vllm_args}", self.cfg.vllm_start_timeout,
+            model_path, self.cfg.vllm_port, self.run_dir / "logs" / f"vllm_{self.restarts}.log",
+            ["--dtype", self.cfg.dtype, *shlex.split(self.cfg.vllm_args)],
+            self.cfg.vllm_host, self.cfg.vllm_start_timeout,
         )
         log.info("vLLM (pid %d) serving %s, healthy after %.1fs", self.proc.pid, model_path,
                  seconds)
