@@ -2,251 +2,176 @@
 
 Wire-compatible with atroposlib 0.4's `run-api` (atroposlib/api/server.py): same routes, bodies
 and answers. Where we differ, on purpose:
-- A batch is whole groups totalling exactly `batch_size` sequences: envs with a
-  `min_batch_allocation` first (as atroposlib), then drawn by env weight (seeded), oldest first
-  within an env. If no set of queued groups sums to `batch_size` (groups of 3, batch 8), GET /batch
-  answers {"batch": null} until more data comes: never a wrong-size batch.
-- The queue is bounded (--max-queue-sequences, default 16 batches): past it POST /scored_data is a
-  429 and the env retries. A full queue that cannot form a batch stays full (logged).
-- Bad groups (shapes, NaN) are a 422 with the reason; GET /batch before POST /register is a 409.
-- One batch per GET /batch; current_step counts batches handed out (atroposlib forms all it can
-  at once and advances the step by all of them).
-- POST /register-env is accepted before the trainer starts, with checkpoint_interval and
-  num_steps -1 until POST /register (atroposlib: "wait for trainer to start"; --wait-for-trainer).
-- Groups of another size than the env's group_size are queued as they are (atroposlib buffers
-  them until they add up to group_size and answers {"status": "buffered"}).
+- A batch is whole groups totalling exactly `batch_size` sequences (environments/batching.py);
+  {"batch": null} until some set of queued groups fits exactly. One batch per GET /batch.
+- Bodies are validated at the door (environments/schemas.py): a 4xx naming the field, nothing
+  unvalidated queued; token ids checked against /register's optional `vocab_size` (ours),
+  lengths against its max_token_len.
+- A full queue (--max-queue-sequences, default 16 batches; --max-queue-mib) answers 503 with
+  Retry-After, the one deliberate 5xx: atroposlib's envs drop data on a 4xx and retry a 5xx.
+- 409: GET /batch before POST /register; a second /register changing batch_size, max_token_len
+  or vocab_size; an env_id this process never issued (it restarted: register again).
+- POST /register-env answers {"status": "wait for trainer to start"} until the trainer's first
+  GET /batch, as atroposlib (--no-wait-for-trainer to turn off).
+- Every route: 413 past --max-body-mib (also once gzip-inflated); 403 for a Host that is not
+  loopback, --host or --allowed-hosts, and for browser pages of another origin. POST /reset_data.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
+import ipaddress
 import json
 import logging
-import math
-import random
-import time
-import uuid
-from collections import deque
+import socket
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.gzip import GZipMiddleware
-from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import ValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from environments.schemas import EnvIdentifier, RegisterEnv, Registration, ScoredData
+from environments import batching
+from environments.batching import BatchingState, QueuedGroup
+from environments.schemas import GROUP_LIST, EnvIdentifier, RegisterEnv, Registration, ScoredData
 
 log = logging.getLogger(__name__)
 
-MIN_ENV_WEIGHT = 0.01  # atroposlib's floor: no env starves completely
-QUEUE_BATCHES = 16  # default bound: this many batches of sequences
-UNREGISTERED_QUEUE_SEQUENCES = 4096  # bound until /register tells us the batch size
+MIB = 1 << 20
+DEFAULT_MAX_BODY_MIB = 32.0
+RETRY_AFTER_S = "1"
 
 
-def pick_exact(sizes: Sequence[int], target: int) -> list[int] | None:
-    """Positions of items whose sizes sum to exactly `target`, preferring earlier positions.
+class SafeJSON(JSONResponse):
+    """JSON that always encodes: ASCII escapes (an error may quote a client's odd string)."""
 
-    Takes each item in turn if the rest can still complete the sum; `reach[i]` is the bitset of
-    sums that items i.. can make. None when no subset fits.
-    """
-    full = (1 << (target + 1)) - 1
-    reach = [1] * (len(sizes) + 1)
-    for i in range(len(sizes) - 1, -1, -1):
-        reach[i] = (reach[i + 1] | (reach[i + 1] << sizes[i])) & full
-    if not (reach[0] >> target) & 1:
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False,
+                          separators=(",", ":")).encode()
+
+
+def error(code: int, detail: Any, headers: dict | None = None, **extra: Any) -> SafeJSON:
+    return SafeJSON({"detail": detail, **extra}, code, headers=headers)
+
+
+# ---- the gate every request passes before routing -----------------------------------------------
+class HostPolicy:
+    """Which Host and Origin headers to serve: refuses DNS rebinding (a page of evil.example whose
+    name now resolves to 127.0.0.1) and requests a browser makes for a page of another site."""
+
+    def __init__(self, bind_host: str = "127.0.0.1", allowed: Sequence[str] = ()) -> None:
+        self.names = {"localhost", bind_host.lower().strip("[]"), *(h.lower() for h in allowed)}
+        self.any_host = "*" in self.names
+        # Bound to every interface: clients may use any address of ours or our name. An IP
+        # literal cannot be rebound, so only names need the list.
+        self.any_ip = bind_host in ("0.0.0.0", "::", "")
+        if self.any_ip:
+            self.names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+
+    def _host_ok(self, host: str) -> bool:
+        if self.any_host or host in self.names:
+            return True
+        try:  # an IP literal, or a name
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return ip.is_loopback or self.any_ip
+
+    def refusal(self, headers: Headers) -> str | None:
+        host_header = headers.get("host", "").strip().lower()
+        host = host_header.rstrip(".")
+        if host.startswith("["):
+            host = host[1:host.find("]")]
+        elif host.count(":") == 1:
+            host = host.split(":")[0]
+        if host_header and not self._host_ok(host.rstrip(".")):
+            return (f"Host {host_header!r} is not served (DNS rebinding protection): connect to "
+                    "127.0.0.1 or localhost, or start the API with --allowed-hosts "
+                    f"{host.rstrip('.') or '<name>'}")
+        origin = headers.get("origin")
+        if origin is not None and origin.lower() not in (f"http://{host_header}",
+                                                         f"https://{host_header}"):
+            return (f"cross-origin request from {origin!r} refused: the batching API serves no "
+                    "web pages; call it from a program (no Origin header), not a browser")
+        fetch_site = headers.get("sec-fetch-site")
+        if fetch_site is not None and fetch_site.lower() not in ("same-origin", "none"):
+            return (f"request from a {fetch_site} browser page refused: the batching API serves "
+                    "no web pages; call it from a program")
         return None
-    picked, left = [], target
-    for i, size in enumerate(sizes):
-        if 0 < size <= left and (reach[i + 1] >> (left - size)) & 1:
-            picked.append(i)
-            left -= size
-    return picked
 
 
-class QueueFull(Exception):
+class BodyTooLarge(Exception):
     pass
 
 
-class BatchingState:
-    """Everything the API remembers: the trainer's registration, the envs, the queue."""
-
-    def __init__(self, max_queue_sequences: int | None, seed: int, wait_for_trainer: bool) -> None:
-        self.max_queue_sequences = max_queue_sequences
-        self.wait_for_trainer = wait_for_trainer
-        self.rng = random.Random(seed)
-        self.reset()
-
-    def reset(self) -> None:
-        self.registration: Registration | None = None
-        self.envs: list[dict[str, Any]] = []
-        self.queue: list[dict[str, Any]] = []  # groups in arrival order
-        self.queued_sequences = 0
-        self.step = 0
-        self.started = False  # set by the trainer's first GET /batch
-        self.latest: dict[str, Any] | None = None
-        self._warned_unpackable = False
-
-    @property
-    def batch_size(self) -> int:
-        return self.registration.batch_size if self.registration else 0
-
-    @property
-    def queue_limit(self) -> int:
-        if self.max_queue_sequences is not None:
-            return self.max_queue_sequences
-        return QUEUE_BATCHES * self.batch_size or UNREGISTERED_QUEUE_SEQUENCES
-
-    def register(self, reg: Registration) -> int:
-        if self.registration is None:
-            if reg.batch_size > (self.max_queue_sequences or reg.batch_size):
-                raise ValueError(f"batch_size {reg.batch_size} exceeds the API's "
-                                 f"--max-queue-sequences {self.max_queue_sequences}: raise it")
-            self.registration, self.step = reg, reg.starting_step
-            log.info("trainer registered: batch_size %d, starting_step %d, queue bound %d",
-                     reg.batch_size, reg.starting_step, self.queue_limit)
-        elif reg != self.registration:  # atroposlib also keeps the first (other ranks re-register)
-            log.warning("ignoring a second registration with other settings: %s", reg)
-        return uuid.uuid4().int
-
-    def register_env(self, req: RegisterEnv) -> dict[str, Any]:
-        env_id, reg = len(self.envs), self.registration
-        name = f"{req.desired_name}_{sum(e['desired_name'] == req.desired_name for e in self.envs)}"
-        self.envs.append({"max_context_len": req.max_token_length, "weight": req.weight,
-                          "desired_name": req.desired_name, "real_name": name,
-                          "registered_id": env_id, "last_update": time.time(), "connected": True,
-                          "min_batch_allocation": req.min_batch_allocation,
-                          "group_size": req.group_size})
-        log.info("env %d registered as %s (weight %g)", env_id, name, req.weight)
-        return {"status": "success", "env_id": env_id, "wandb_name": name,
-                "checkpoint_dir": reg.checkpoint_dir if reg else "", "starting_step": self.step,
-                "checkpoint_interval": reg.save_checkpoint_interval if reg else -1,
-                "num_steps": reg.num_steps if reg else -1}
-
-    def enqueue(self, groups: list[ScoredData]) -> None:
-        """All or nothing: the whole request is queued, or QueueFull / ValueError is raised."""
-        for g in groups:
-            if self.batch_size and len(g.tokens) > self.batch_size:
-                raise ValueError(f"a group of {len(g.tokens)} sequences can never fit a batch "
-                                 f"of {self.batch_size}")
-        offered = sum(len(g.tokens) for g in groups)
-        if self.queued_sequences + offered > self.queue_limit:
-            raise QueueFull(f"queue full: {self.queued_sequences} of {self.queue_limit} sequences "
-                            f"queued, {offered} offered; retry after the trainer takes a batch")
-        self.queue.extend(g.model_dump() for g in groups)
-        self.queued_sequences += offered
-        self.latest = self.queue[-1]
-
-    def _weight(self, env_id: int | None) -> float:
-        known = env_id is not None and 0 <= env_id < len(self.envs)
-        return max(MIN_ENV_WEIGHT, self.envs[env_id]["weight"]) if known else 1.0
-
-    def _min_sequences(self) -> dict[int, int]:
-        mins = {e["registered_id"]: int(self.batch_size * e["min_batch_allocation"])
-                for e in self.envs if e["connected"] and e["min_batch_allocation"] is not None}
-        mins = {k: v for k, v in mins.items() if v > 0}
-        total = sum(mins.values())
-        if total > self.batch_size:  # over-subscribed: scale down, at least one group each
-            mins = {k: max(1, v * self.batch_size // total) for k, v in mins.items()}
-        return mins
-
-    def _priority_order(self) -> list[int] | None:
-        """Queue positions in the order a batch should draw them; None to wait."""
-        by_env: dict[int | None, deque[int]] = {}
-        for i, g in enumerate(self.queue):
-            by_env.setdefault(g["env_id"], deque()).append(i)
-        order: list[int] = []
-        for env_id, min_seqs in self._min_sequences().items():
-            pending = by_env.get(env_id)
-            if not pending:
-                return None  # as atroposlib: an env with a minimum share and no data holds batches
-            taken = 0
-            while pending and taken < min_seqs:
-                order.append(pending.popleft())
-                taken += len(self.queue[order[-1]]["tokens"])
-        keys = [k for k, pending in by_env.items() if pending]
-        while len(keys) > 1:  # weighted interleave; each env stays oldest first
-            k = self.rng.choices(keys, weights=[self._weight(k) for k in keys])[0]
-            order.append(by_env[k].popleft())
-            if not by_env[k]:
-                keys.remove(k)
-        return order + [i for k in keys for i in by_env[k]]
-
-    def next_batch(self) -> list[dict[str, Any]] | None:
-        self.started = True
-        order = self._priority_order() if self.queued_sequences >= self.batch_size else None
-        picked = order and pick_exact([len(self.queue[i]["tokens"]) for i in order],
-                                      self.batch_size)
-        if not picked:
-            if order and not self._warned_unpackable:
-                log.warning("%d sequences queued but no whole groups add up to batch_size %d; "
-                            "waiting for more", self.queued_sequences, self.batch_size)
-                self._warned_unpackable = True
-            return None
-        chosen = {order[p] for p in picked}
-        batch = [g for i, g in enumerate(self.queue) if i in chosen]  # in arrival order
-        self.queue = [g for i, g in enumerate(self.queue) if i not in chosen]
-        self.queued_sequences -= self.batch_size
-        self.step += 1
-        self._warned_unpackable = False
-        log.info("step %d: batch of %d groups; %d sequences still queued", self.step, len(batch),
-                 self.queued_sequences)
-        return batch
-
-    def status_env(self, env_id: int) -> dict[str, Any]:
-        """atroposlib's /status-env numbers: how much of the queue this env may count as its own."""
-        env, connected = self.envs[env_id], [e for e in self.envs if e["connected"]]
-        total = sum(e["max_context_len"] * max(0.0, e["weight"]) for e in connected)
-        share = env["max_context_len"] * env["weight"] / total if total > 0 else 0.0
-        allocs = {e["registered_id"]: e["min_batch_allocation"] for e in connected
-                  if e["min_batch_allocation"] is not None}
-        max_group = max([1, *(len(g["tokens"]) for g in self.queue)])
-        own = [len(g["tokens"]) for g in self.queue if g["env_id"] == env_id]
-        env["group_size"] = max([env["group_size"], *own])  # atroposlib tracks dynamic sizes so
-        others: dict[int | None, int] = {}
-        for g in self.queue:
-            if g["env_id"] != env_id:
-                others[g["env_id"]] = others.get(g["env_id"], 0) + len(g["tokens"])
-        available = 0
-        if max_group > 1:  # other envs' data counts in packs of the largest group, less minimums
-            for other, seqs in others.items():
-                min_seqs = int(self.batch_size * allocs.get(other, 0.0))
-                available += max(0, math.ceil(seqs / max_group) * max_group - min_seqs)
-        size = env["group_size"]
-        return {"current_step": self.step, "queue_size": (sum(own) + available) // size,
-                "unallocated_fraction": 1.0 - min(sum(allocs.values()), 1.0),
-                "self_queue_size": sum(own) // size, "max_group_size": max_group,
-                "env_weight": max(MIN_ENV_WEIGHT, share)}
+def inflate(body: bytes, limit: int) -> bytes:
+    """gzip members, inflated without ever holding more than `limit` + 1 bytes."""
+    out, data = bytearray(), body
+    while data:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:  # invalid gzip is the client's error: a 400, not a 500
+            out += inflater.decompress(data, limit - len(out) + 1)
+        except zlib.error as e:
+            raise ValueError(f"invalid gzip request body: {e}") from None
+        if len(out) > limit:
+            raise BodyTooLarge(f"gzip body inflates past {limit} bytes")
+        if not inflater.eof:
+            raise ValueError("invalid gzip request body: truncated")
+        data = inflater.unused_data
+    return bytes(out)
 
 
-class GzipRequestMiddleware:
-    """Inflates gzip request bodies: atroposlib 0.4 envs gzip payloads of 1 KiB and more."""
+class RequestGate:
+    """Host/Origin checks (403), the body cap (413), gzip request bodies (atroposlib 0.4's envs
+    gzip payloads of 1 KiB and more) inflated under the same cap; for every route and method."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self, app: ASGIApp, policy: HostPolicy, max_body_bytes: int) -> None:
+        self.app, self.policy, self.limit = app, policy, max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        http = scope["type"] == "http"
-        if not http or "gzip" not in Headers(scope=scope).get("content-encoding", "").lower():
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        chunks, more = [], True
+        headers = Headers(scope=scope)
+        refusal = self.policy.refusal(headers)
+        if refusal:
+            log.warning("403 %s %s: %s", scope["method"], scope["path"], refusal)
+            return await error(403, refusal)(scope, receive, send)
+        declared = headers.get("content-length", "0")
+        too_big = error(413, f"request body over the API's {self.limit} bytes "
+                             "(--max-body-mib): send fewer or smaller groups per request")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await too_big(scope, receive, send)  # refused before reading a byte
+        chunks, size, more = [], 0, True
         while more:
             message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
             chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await too_big(scope, receive, send)
             more = message.get("more_body", False)
-        try:
-            body = gzip.decompress(b"".join(chunks))
-        except (OSError, EOFError):
-            bad = JSONResponse({"detail": "invalid gzip request body"}, 400)
-            return await bad(scope, receive, send)
-        headers = [h for h in scope["headers"]
-                   if h[0] not in (b"content-encoding", b"content-length")]
-        scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
+        body = b"".join(chunks)
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        if encoding == "gzip":
+            try:  # both are the client's errors
+                body = inflate(body, self.limit)
+            except BodyTooLarge:
+                return await too_big(scope, receive, send)
+            except ValueError as e:
+                return await error(400, str(e))(scope, receive, send)
+        elif encoding not in ("identity", ""):
+            return await error(415, f"Content-Encoding {encoding!r}: send gzip or plain JSON")(
+                scope, receive, send)
+        kept = [h for h in scope["headers"] if h[0] not in (b"content-encoding", b"content-length")]
+        scope = {**scope, "headers": [*kept, (b"content-length", str(len(body)).encode())]}
         first = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def replay() -> dict[str, Any]:  # the body once, then the client's own messages
@@ -255,144 +180,211 @@ class GzipRequestMiddleware:
         await self.app(scope, replay, send)
 
 
+# ---- routes -------------------------------------------------------------------------------------
+router = APIRouter()
+
+
+def _state(request: Request) -> BatchingState:
+    return request.app.state.batching
+
+
+def _body_doc(schema: dict) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _queued(body: bytes, many: bool) -> list[QueuedGroup]:
+    """Validate and encode groups; runs in a worker thread (a 32 MiB body takes ~1 s)."""
+    groups = GROUP_LIST.validate_json(body) if many else [ScoredData.model_validate_json(body)]
+    return [QueuedGroup.from_scored(g) for g in groups]
+
+
+async def _parse(request: Request, model: type[BaseModel]) -> Any:
+    return model.model_validate_json(await request.body())
+
+
+def _json(body: bytes) -> Response:
+    return Response(body, media_type="application/json")
+
+
+@router.get("/")
+async def root() -> dict:
+    return {"message": "AtroposLib API"}
+
+
+@router.post("/register", openapi_extra=_body_doc(Registration.model_json_schema()))
+async def register(request: Request) -> dict:
+    return _state(request).register(await _parse(request, Registration))
+
+
+@router.post("/register-env", openapi_extra=_body_doc(RegisterEnv.model_json_schema()))
+async def register_env(request: Request) -> dict:
+    return _state(request).register_env(await _parse(request, RegisterEnv))
+
+
+@router.post("/disconnect-env", openapi_extra=_body_doc(EnvIdentifier.model_json_schema()))
+async def disconnect_env(request: Request) -> dict:
+    env_id, state = (await _parse(request, EnvIdentifier)).env_id, _state(request)
+    if env_id not in state.envs:  # atroposlib's answer: a 200 with a failure status
+        return {"status": "failure", "error": f"unknown env_id {env_id}"}
+    state.envs[env_id].connected = False
+    log.info("env %d disconnected", env_id)
+    return {"status": "success"}
+
+
+@router.get("/wandb_info")
+async def wandb_info(request: Request) -> dict:
+    reg = _state(request).registration
+    return {"group": reg and reg.wandb_group, "project": reg and reg.wandb_project}
+
+
+@router.get("/info")
+async def info(request: Request) -> dict:
+    reg = _state(request).registration
+    return {"batch_size": reg.batch_size if reg else -1,
+            "max_token_len": reg.max_token_len if reg else -1}
+
+
+@router.get("/batch")
+async def batch(request: Request) -> Response:
+    state = _state(request)
+    if state.registration is None:
+        msg = "trainer not registered: call POST /register first"
+        return error(409, msg, status="error", message=msg)
+    return _json(b'{"batch":' + (state.next_batch() or b"null") + b"}")
+
+
+@router.get("/latest_example")
+async def latest_example(request: Request) -> Response:
+    empty = {k: [] for k in ("tokens", "masks", "scores", "advantages", "ref_logprobs",
+                             "generation_params", "inference_logprobs", "messages", "images")}
+    return _json(_state(request).latest or json.dumps(empty).encode())
+
+
+@router.post("/scored_data", openapi_extra=_body_doc(ScoredData.model_json_schema()))
+async def scored_data(request: Request) -> dict:
+    _state(request).enqueue(await run_in_threadpool(_queued, await request.body(), False))
+    return {"status": "received"}
+
+
+@router.post("/scored_data_list", openapi_extra=_body_doc(GROUP_LIST.json_schema()))
+async def scored_data_list(request: Request) -> dict:
+    groups = await run_in_threadpool(_queued, await request.body(), True)
+    _state(request).enqueue(groups)
+    return {"status": "received", "groups_processed": len(groups)}
+
+
+@router.get("/status")
+async def status(request: Request) -> dict:
+    return _state(request).status()
+
+
+@router.get("/status-env")
+async def status_env(request: Request, env_id: int | None = None) -> dict:
+    # atroposlib's envs send {"env_id": n} as the JSON body of this GET; ?env_id=n works too.
+    if env_id is None and not await request.body():
+        raise batching.Rejected("send env_id as a JSON body {\"env_id\": n} or as ?env_id=n")
+    ident = (EnvIdentifier(env_id=env_id) if env_id is not None
+             else await _parse(request, EnvIdentifier))
+    return _state(request).status_env(ident.env_id)
+
+
+@router.post("/reset_data")
+async def reset_data(request: Request) -> PlainTextResponse:
+    _state(request).reset()
+    log.info("state reset")
+    return PlainTextResponse("Reset successful")
+
+
+# What the state's refusals look like on the wire: (status code, "status" field).
+REFUSALS: dict[type[Exception], tuple[int, str]] = {
+    batching.UnknownEnv: (409, "unknown env_id"),
+    batching.RegistrationConflict: (409, "registration conflict"),
+    batching.QueueFull: (503, "queue full"),  # Retry-After: atroposlib's envs retry 5xx only
+    batching.Rejected: (422, "rejected"),
+}
+
+
+def _details(errors: Sequence[Any], prefix: tuple) -> list[dict]:
+    """Where and why, never the input itself (FastAPI echoes it: megabytes for a big group)."""
+    return [{"loc": [*prefix, *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in errors]
+
+
+async def _invalid(_: Request, exc: Exception) -> SafeJSON:
+    if isinstance(exc, RequestValidationError):
+        return error(422, _details(exc.errors(), ()))
+    assert isinstance(exc, ValidationError)
+    return error(422, _details(exc.errors(include_url=False, include_input=False), ("body",)))
+
+
+async def _refused(_: Request, exc: Exception) -> SafeJSON:
+    code, label = REFUSALS[type(exc)]
+    log.info("%d %s: %s", code, label, exc)
+    headers = {"Retry-After": RETRY_AFTER_S} if code == 503 else None
+    return error(code, str(exc), headers, status=label)
+
+
 def create_app(max_queue_sequences: int | None = None, seed: int = 0,
-               wait_for_trainer: bool = False) -> FastAPI:
+               wait_for_trainer: bool = True, max_body_bytes: int = int(DEFAULT_MAX_BODY_MIB * MIB),
+               max_queue_bytes: int = batching.DEFAULT_QUEUE_BYTES, bind_host: str = "127.0.0.1",
+               allowed_hosts: Sequence[str] = (), env_id_base: int | None = None) -> FastAPI:
     """The API over one fresh BatchingState (kept on `app.state.batching`)."""
-    app = FastAPI(title="Batching API (Atropos-compatible)")
+    app = FastAPI(title="Batching API (Atropos-compatible)", default_response_class=SafeJSON)
+    app.include_router(router)
+    for exc_type in (ValidationError, RequestValidationError):
+        app.add_exception_handler(exc_type, _invalid)
+    for exc_type in REFUSALS:
+        app.add_exception_handler(exc_type, _refused)
     app.add_middleware(GZipMiddleware, minimum_size=1000)
-    app.add_middleware(GzipRequestMiddleware)
-    state = app.state.batching = BatchingState(max_queue_sequences, seed, wait_for_trainer)
-
-    def error(code: int, detail: str, **extra: Any) -> JSONResponse:
-        return JSONResponse({"detail": detail, **extra}, code)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI's default echoes the whole input back: megabytes for a big group.
-        return JSONResponse({"detail": [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
-                                        for e in exc.errors()]}, 422)
-
-    def enqueue(groups: list[ScoredData], answer: dict) -> dict | JSONResponse:
-        try:
-            state.enqueue(groups)
-        except QueueFull as e:
-            log.info("%s", e)
-            return JSONResponse({"detail": str(e), "status": "queue full"}, 429,
-                                headers={"Retry-After": "1"})  # clients back off, then retry
-        except ValueError as e:
-            return error(422, str(e))
-        return answer
-
-    @app.get("/")
-    async def root() -> dict:
-        return {"message": "AtroposLib API"}
-
-    @app.post("/register", response_model=None)
-    async def register(reg: Registration) -> dict | JSONResponse:
-        try:
-            return {"uuid": state.register(reg)}
-        except ValueError as e:
-            return error(422, str(e))
-
-    @app.post("/register-env")
-    async def register_env(req: RegisterEnv) -> dict:
-        if state.wait_for_trainer and not state.started:
-            return {"status": "wait for trainer to start"}
-        return state.register_env(req)
-
-    @app.post("/disconnect-env")
-    async def disconnect_env(req: EnvIdentifier) -> dict:
-        if not 0 <= req.env_id < len(state.envs):
-            return {"status": "failure", "error": f"unknown env_id {req.env_id}"}
-        state.envs[req.env_id]["connected"] = False
-        log.info("env %d disconnected", req.env_id)
-        return {"status": "success"}
-
-    @app.get("/wandb_info")
-    async def wandb_info() -> dict:
-        reg = state.registration
-        return {"group": reg and reg.wandb_group, "project": reg and reg.wandb_project}
-
-    @app.get("/info")
-    async def info() -> dict:
-        reg = state.registration
-        return {"batch_size": reg.batch_size if reg else -1,
-                "max_token_len": reg.max_token_len if reg else -1}
-
-    @app.get("/batch", response_model=None)
-    async def batch() -> dict | JSONResponse:
-        if state.registration is None:
-            msg = "trainer not registered: call POST /register first"
-            return error(409, msg, status="error", message=msg)
-        return {"batch": state.next_batch()}
-
-    @app.get("/latest_example")
-    async def latest_example() -> dict:
-        return state.latest or {k: [] for k in ("tokens", "masks", "scores", "advantages",
-                                                "ref_logprobs", "generation_params",
-                                                "inference_logprobs", "messages", "images")}
-
-    @app.post("/scored_data", response_model=None)
-    async def scored_data(group: ScoredData) -> dict | JSONResponse:
-        return enqueue([group], {"status": "received"})
-
-    @app.post("/scored_data_list", response_model=None)
-    async def scored_data_list(groups: list[ScoredData]) -> dict | JSONResponse:
-        return enqueue(groups, {"status": "received", "groups_processed": len(groups)})
-
-    @app.get("/status")
-    async def status() -> dict:
-        return {"current_step": state.step, "queue_size": len(state.queue),
-                "queue_sequences": state.queued_sequences, "max_queue_sequences": state.queue_limit}
-
-    @app.get("/status-env", response_model=None)
-    async def status_env(request: Request) -> dict | JSONResponse:
-        # atroposlib's envs send {"env_id": n} as the JSON body of this GET; ?env_id=n works too.
-        raw: Any = dict(request.query_params)
-        body = await request.body()
-        try:
-            env_id = EnvIdentifier.model_validate(
-                json.loads(body) if body and "env_id" not in raw else raw).env_id
-        except (ValueError, ValidationError) as e:
-            return error(422, f"send env_id as a JSON body or query parameter: {e}")
-        if not 0 <= env_id < len(state.envs):
-            return error(404, f"unknown env_id {env_id}: POST /register-env first")
-        return state.status_env(env_id)
-
-    @app.get("/reset_data")
-    async def reset_data() -> PlainTextResponse:
-        state.reset()
-        log.info("state reset")
-        return PlainTextResponse("Reset successful")
-
+    app.add_middleware(RequestGate, policy=HostPolicy(bind_host, allowed_hosts),
+                       max_body_bytes=max_body_bytes)
+    app.state.batching = BatchingState(max_queue_sequences, max_queue_bytes, seed,
+                                       wait_for_trainer, env_id_base)
     return app
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
         prog="python -m environments.api_server",
         description="Atropos-compatible batching API: envs POST /scored_data, the trainer GETs "
                     "/batch.")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="interface to bind (atroposlib binds 0.0.0.0; default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
-    parser.add_argument("--max-queue-sequences", type=int, default=None, metavar="N",
-                        help=f"bound on queued sequences; POST /scored_data answers 429 past it "
-                             f"(default: {QUEUE_BATCHES} x batch_size, "
-                             f"{UNREGISTERED_QUEUE_SEQUENCES} until the trainer registers)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the weighted draw between envs (default: %(default)s)")
-    parser.add_argument("--wait-for-trainer", action="store_true",
-                        help="answer POST /register-env 'wait for trainer to start' until the "
-                             "first GET /batch, as atroposlib does")
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"], help="%(default)s")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind (atroposlib binds 0.0.0.0; default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
+    p.add_argument("--max-queue-sequences", type=int, default=None, metavar="N",
+                   help=f"bound on queued sequences; POST /scored_data answers 503 + Retry-After "
+                        f"past it (default: {batching.QUEUE_BATCHES} x batch_size, "
+                        f"{batching.UNREGISTERED_QUEUE_SEQUENCES} until the trainer registers)")
+    p.add_argument("--max-queue-mib", type=float, default=batching.DEFAULT_QUEUE_BYTES / MIB,
+                   help="bound on the queue's bytes, 503 past it (default: %(default)g)")
+    p.add_argument("--max-body-mib", type=float, default=DEFAULT_MAX_BODY_MIB,
+                   help="largest request body, also after gzip inflation; 413 past it "
+                        "(default: %(default)g)")
+    p.add_argument("--allowed-hosts", action="append", default=[], metavar="NAME[,NAME]",
+                   help="Host names served besides loopback and --host ('*': any; only behind "
+                        "a proxy that checks Host itself)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the weighted draw between envs (default: %(default)s)")
+    p.add_argument("--wait-for-trainer", action=argparse.BooleanOptionalAction, default=True,
+                   help="answer POST /register-env 'wait for trainer to start' until the first "
+                        "GET /batch, as atroposlib does (default: on)")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"], help="%(default)s")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.max_queue_sequences is not None and args.max_queue_sequences <= 0:
         parser.error("--max-queue-sequences must be positive")
+    if not 0 < args.max_body_mib <= args.max_queue_mib:
+        parser.error("--max-body-mib must be positive and at most --max-queue-mib")
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(args.max_queue_sequences, args.seed, args.wait_for_trainer)
+    hosts = [h.strip() for arg in args.allowed_hosts for h in arg.split(",") if h.strip()]
+    app = create_app(args.max_queue_sequences, args.seed, args.wait_for_trainer,
+                     int(args.max_body_mib * MIB), int(args.max_queue_mib * MIB), args.host,
+                     hosts)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 

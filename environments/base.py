@@ -80,7 +80,8 @@ class BaseEnv:
         self.stop_event = threading.Event()
         self.client = InferenceClient(openai_config, self.encode, self.stop_event)
         self.env_id: int | None = None
-        self.trainer_max_token_len = -1
+        self.trainer_max_token_len = self.trainer_batch_size = -1
+        self._register_lock = threading.Lock()  # one re-registration at a time
         self._lock = threading.RLock()  # guards the item iterator, counters and the tokenizer
         self._posted = 0
         self._in_flight = 0
@@ -177,9 +178,11 @@ class BaseEnv:
             job.set_exception(exc)
 
     # ---- talking to the batching API ----------------------------------------------------------
-    def _api(self, method: str, path: str, payload: dict | None = None) -> requests.Response:
+    def _api(self, method: str, path: str, payload: dict | None = None,
+             accept: tuple[int, ...] = ()) -> requests.Response:
         return request_with_retry(method, self.config.rollout_server_url.rstrip("/") + path,
-                                  f"the batching API ({path})", self.stop_event, json=payload)
+                                  f"the batching API ({path})", self.stop_event, json=payload,
+                                  accept=accept)
 
     def register(self) -> dict[str, Any]:
         """POST /register-env until it answers with an env_id.
@@ -203,26 +206,74 @@ class BaseEnv:
         self.env_id = data["env_id"]
         info = self._api("GET", "/info").json()
         self.trainer_max_token_len = int(info.get("max_token_len") or -1)
-        batch_size = int(info.get("batch_size") or -1)
-        if 0 < batch_size < self.config.group_size:  # a group could never fit in one batch
+        self.trainer_batch_size = int(info.get("batch_size") or -1)
+        if 0 < self.trainer_batch_size < self.config.group_size:  # a group could never fit
             raise ValueError(f"--env.group_size {self.config.group_size} exceeds the trainer's "
-                             f"batch size {batch_size}; lower it")
+                             f"batch size {self.trainer_batch_size}; lower it")
         log.info("registered as env %s (%s); trainer max_token_len %d", self.env_id,
                  data.get("wandb_name"), self.trainer_max_token_len)
         return data
 
+    def _register_again(self, stale_env_id: int | None) -> None:
+        """The API answered 409 "unknown env_id": it restarted or was reset. One worker
+        registers again; the others find a new env_id already there and go on with it."""
+        with self._register_lock:
+            if self.env_id == stale_env_id:
+                log.warning("the API does not know env %s (restarted or reset?): registering "
+                            "again", stale_env_id)
+                self.register()
+
     def post_group(self, group: dict[str, Any]) -> None:
-        """POST /scored_data; retried on 429 (queue full), 5xx and connection errors."""
-        self._api("POST", "/scored_data", {**group, "env_id": self.env_id})
+        """POST /scored_data; retried on 429/503 (queue full), 5xx and connection errors, and
+        after registering again when the API no longer knows our env_id (409)."""
+        while True:
+            env_id = self.env_id
+            resp = self._api("POST", "/scored_data", {**group, "env_id": env_id}, accept=(409,))
+            if resp.status_code != 409:
+                return
+            self._register_again(env_id)
+
+    def queue_status(self) -> dict[str, Any]:
+        """GET /status-env (atroposlib's envs send env_id as the JSON body of this GET)."""
+        while True:
+            env_id = self.env_id
+            resp = self._api("GET", "/status-env", {"env_id": env_id}, accept=(409,))
+            if resp.status_code != 409:
+                return resp.json()
+            self._register_again(env_id)
+
+    def _room(self) -> int | None:
+        """Groups we may have in flight now, or None for no limit: as atroposlib's envs, no new
+        group while queued + in-flight groups reach max_batches_offpolicy batches."""
+        if self.config.max_batches_offpolicy <= 0:
+            return None
+        status = self.queue_status()
+        batch_size = int(status.get("batch_size") or self.trainer_batch_size)
+        if batch_size <= 0:  # no trainer yet (--no-wait-for-trainer): the API's 503 bounds us
+            return None
+        limit = self.config.max_batches_offpolicy * batch_size
+        if status.get("max_queue_sequences"):  # ours: never aim past the API's own bound
+            limit = min(limit, int(status["max_queue_sequences"]))
+        return max(0, limit // self.config.group_size - int(status.get("queue_size") or 0))
 
     # ---- the serve loop -----------------------------------------------------------------------
     def _claim(self) -> Any | None:
-        with self._lock:
-            total = self.config.total_steps
-            if total >= 0 and self._posted + self._in_flight >= total:
-                return None
-            self._in_flight += 1
-            return self.next_item()
+        """The next item once there is room for its group (see _room); None when done."""
+        delay = 0.25
+        while True:
+            room = self._room()
+            with self._lock:
+                total = self.config.total_steps
+                if total >= 0 and self._posted + self._in_flight >= total:
+                    return None
+                if room is None or self._in_flight < room:
+                    self._in_flight += 1
+                    return self.next_item()
+            log.debug("queue holds %d batches' worth: waiting before the next group",
+                      self.config.max_batches_offpolicy)
+            if self.stop_event.wait(delay):
+                raise StopRequested
+            delay = min(delay * 2, 2.0)
 
     def _release(self, posted: bool) -> None:
         with self._lock:

@@ -46,6 +46,10 @@ class BaseEnvConfig:
     max_eval_workers: int = config_field(
         64, "concurrent requests of the evaluate subcommand (vLLM batches them)")
     inference_weight: float = config_field(1.0, "weight of this env in the API's batch mix")
+    max_batches_offpolicy: int = config_field(
+        3, "start no new group while the API's queue (GET /status-env) and our groups in flight "
+           "hold this many batches (or reach our API's bound), as atroposlib; <= 0: only the "
+           "API's 503 holds us back")
     min_batch_allocation: float | None = config_field(
         None, "min share of each batch for this env (0..1)")
     # NOTE: atroposlib's BaseEnvConfig defaults this to True (handle_send_to_api drops such groups).

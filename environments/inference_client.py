@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,20 +59,25 @@ def server_root(base_url: str) -> str:
 
 def request_with_retry(method: str, url: str, what: str, stop_event: threading.Event, *,
                        json: Any = None, headers: dict | None = None, timeout: float = 60.0,
-                       max_delay_s: float = 30.0) -> requests.Response:
+                       max_delay_s: float = 30.0, accept: Collection[int] = (),
+                       ) -> requests.Response:
     """Send until the answer is neither a connection error nor 429/5xx, backing off exponentially
-    (0.5 s doubling to `max_delay_s`) and logging what we wait for. Other 4xx raise at once."""
+    (0.5 s doubling to `max_delay_s`, at least the server's Retry-After) and logging what we wait
+    for. Other 4xx raise at once, except the statuses in `accept`, returned to the caller."""
     delay, attempt = 0.5, 0
     while True:
         attempt += 1
         try:
             resp = requests.request(method, url, json=json, headers=headers, timeout=timeout)
             if resp.status_code not in RETRY_STATUSES:
-                if resp.status_code >= 400:
+                if resp.status_code >= 400 and resp.status_code not in accept:
                     raise requests.HTTPError(
                         f"{method} {url} -> {resp.status_code}: {resp.text[:500]}", response=resp)
                 return resp
             reason = f"HTTP {resp.status_code} {resp.text[:200]!r}"
+            retry_after = resp.headers.get("Retry-After", "")
+            if retry_after.isdigit():  # the server says when: never sooner
+                delay = max(delay, min(float(retry_after), max_delay_s))
         except (requests.ConnectionError, requests.Timeout) as exc:
             reason = type(exc).__name__
         log.warning("waiting for %s: %s %s gave %s (attempt %d); retrying in %.1fs",

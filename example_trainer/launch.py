@@ -164,7 +164,7 @@ def start_servers(stack: Stack, preset: Preset, model: str, dtype: str) -> tuple
     """The batching API and the inference server on free ports, healthy; returns their URLs."""
     api_port, vllm_port = free_port(), free_port()
     # A queue of two steps bounds staleness, and on a small machine keeps generation from
-    # taking the cores the trainer needs (the env backs off on 429).
+    # taking the cores the trainer needs (the env throttles on /status-env and backs off on 503).
     api = stack.start("api", ["-m", "environments.api_server", "--port", str(api_port),
                               "--max-queue-sequences", str(2 * preset.batch)])
     vllm = stack.start("vllm", server_args(model, vllm_port,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import islice
@@ -23,7 +24,8 @@ from environments.inference_client import Completion, OpenAIConfig
 
 # ---- a tiny real HTTP server: routes map (method, path) -> handler(body) -> (status, json) ----
 
-Route = Callable[[dict | None], tuple[int, dict]]
+# A route answers (status, json) or (status, json, headers).
+Route = Callable[[dict | None], tuple]
 
 
 class FakeServer:
@@ -37,9 +39,11 @@ class FakeServer:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length)) if length else None
                 server.calls.append((self.command, self.path, body))
-                status, answer = server.routes[(self.command, self.path)](body)
+                status, answer, *headers = server.routes[(self.command, self.path)](body)
                 data = json.dumps(answer).encode()
                 self.send_response(status)
+                for name, value in (headers[0] if headers else {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -76,7 +80,7 @@ def fake_server() -> Iterator[Callable[[dict], FakeServer]]:
         s.close()
 
 
-def answers(*replies: tuple[int, dict]) -> Route:
+def answers(*replies: tuple) -> Route:
     """A route that gives `replies` in order, then repeats the last one."""
     queue = list(replies)
     return lambda body: queue.pop(0) if len(queue) > 1 else queue[0]
@@ -288,17 +292,46 @@ def generate_route(env, answer_texts: Callable[[str], list[str]]) -> Route:
     return generate
 
 
+# An atroposlib run-api /status-env answer with an empty queue.
+ROOMY = {"current_step": 0, "queue_size": 0, "unallocated_fraction": 1.0, "self_queue_size": 0,
+         "max_group_size": 1, "env_weight": 1.0}
+
+
+class RecordedWaits(threading.Event):
+    """A stop event that never stops and records each back-off instead of sleeping it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout)
+        return False
+
+
 def test_request_with_retry(fake_server):
     server = fake_server({("GET", "/x"): answers((503, {}), (429, {}), (200, {"ok": 1})),
                           ("GET", "/bad"): answers((422, {"detail": "bad tokens"}))})
-    stop = threading.Event()
+    stop = RecordedWaits()
     assert ic.request_with_retry("GET", server.url + "/x", "x", stop).json() == {"ok": 1}
     assert len(server.bodies("GET", "/x")) == 3
+    assert stop.waits == [0.5, 1.0]  # exponential back-off
     with pytest.raises(requests.HTTPError, match="bad tokens"):
         ic.request_with_retry("GET", server.url + "/bad", "bad", stop)
+    resp = ic.request_with_retry("GET", server.url + "/bad", "bad", stop, accept=(422,))
+    assert resp.status_code == 422  # the caller handles this one itself
+    stop = threading.Event()
     stop.set()
     with pytest.raises(ic.StopRequested):  # nothing listens there, and we are stopping
         ic.request_with_retry("GET", "http://127.0.0.1:9/", "nothing", stop)
+
+
+def test_retry_after_is_honoured(fake_server):
+    full = (503, {"status": "queue full"}, {"Retry-After": "3"})
+    server = fake_server({("POST", "/scored_data"): answers(full, full, (200, {"ok": 1}))})
+    stop = RecordedWaits()
+    ic.request_with_retry("POST", server.url + "/scored_data", "api", stop, json={})
+    assert stop.waits == [3.0, 6.0]  # never sooner than the server asks, then doubling
 
 
 def test_register_retries_until_trainer_started(fake_server, tiny_model):
@@ -332,6 +365,7 @@ def test_serve_posts_groups_through_fake_servers(fake_server, tiny_model):
     api = fake_server({
         ("POST", "/register-env"): answers((200, {"status": "success", "env_id": 0})),
         ("GET", "/info"): answers((200, {"batch_size": -1, "max_token_len": -1})),
+        ("GET", "/status-env"): answers((200, ROOMY)),
         ("POST", "/scored_data"): answers((429, {"detail": "queue full"}), (200, {"status": "ok"})),
     })
     env.config.rollout_server_url = api.url
@@ -371,6 +405,7 @@ def test_gsm8k_scores_in_worker_threads(fake_server, tiny_model, tmp_path):
     api = fake_server({
         ("POST", "/register-env"): answers((200, {"status": "success", "env_id": 1})),
         ("GET", "/info"): answers((200, {})),
+        ("GET", "/status-env"): answers((200, ROOMY)),
         ("POST", "/scored_data"): answers((200, {"status": "ok"})),
     })
     env.config.rollout_server_url, env.client.root = api.url, llm.url
@@ -396,3 +431,127 @@ def test_evaluate_subcommand_prints_greedy_accuracy(fake_server, tiny_model, cap
     assert result["accuracy"] == expected / 20
     sent = llm.bodies("POST", "/generate")
     assert len(sent) == 20 and all(b["temperature"] == 0.0 and b["n"] == 1 for b in sent)
+
+
+# ---- the env's conversation with the batching API: throttle, re-registration, restarts ----
+
+
+def registered(api_url: str, tiny_model, **config) -> ArithmeticEnv:
+    env = ArithmeticEnv(ArithmeticEnvConfig(tokenizer_name=str(tiny_model),
+                                            rollout_server_url=api_url, **config), OpenAIConfig())
+    env.stop_event = RecordedWaits()  # the retry loops below back off without sleeping
+    return env
+
+
+def small_group(tag: int) -> dict:
+    return {"tokens": [[1, tag, tag]] * 2, "masks": [[-100, tag, tag]] * 2, "scores": [1.0, 0.0]}
+
+
+def test_env_registers_again_when_the_api_forgets_it(fake_server, tiny_model):
+    """409 "unknown env_id" (the API restarted or was reset) on /scored_data or /status-env:
+    register again, then send with the new env_id."""
+    unknown = (409, {"detail": "unknown env_id 3", "status": "unknown env_id"})
+    api = fake_server({
+        ("POST", "/register-env"): answers((200, {"status": "success", "env_id": 3}),
+                                           (200, {"status": "wait for trainer to start"}),
+                                           (200, {"status": "success", "env_id": 4}),
+                                           (200, {"status": "success", "env_id": 5})),
+        ("GET", "/info"): answers((200, {"batch_size": 8, "max_token_len": 64})),
+        ("POST", "/scored_data"): answers(unknown, (200, {"status": "received"})),
+        ("GET", "/status-env"): answers(unknown, (200, ROOMY)),
+    })
+    env = registered(api.url, tiny_model, group_size=2)
+    env.register()
+    env.post_group(small_group(7))
+    assert [b["env_id"] for b in api.bodies("POST", "/scored_data")] == [3, 4]
+    assert api.bodies("POST", "/scored_data")[1]["tokens"] == small_group(7)["tokens"]
+    assert len(api.bodies("POST", "/register-env")) == 3  # 3, then "wait", then 4
+    assert env.queue_status() == ROOMY
+    assert [b["env_id"] for b in api.bodies("GET", "/status-env")] == [4, 5]
+    with pytest.raises(requests.HTTPError, match="400"):  # other 4xx stay errors
+        api.routes[("POST", "/scored_data")] = answers((400, {"detail": "bad"}))
+        env.post_group(small_group(7))
+
+
+def test_env_throttles_on_status_env_like_atroposlib(fake_server, tiny_model):
+    """No new group while queued + in-flight groups reach max_batches_offpolicy batches."""
+    full = {**ROOMY, "queue_size": 6}  # 6 groups of 4 = 3 batches of 8: the default limit
+    status_calls: list[int] = []
+
+    def status_env(body: dict) -> tuple:
+        status_calls.append(body["env_id"])
+        return 200, full if len(status_calls) <= 3 else ROOMY
+
+    api = fake_server({("POST", "/register-env"): answers((200, {"status": "success",
+                                                                 "env_id": 9})),
+                       ("GET", "/info"): answers((200, {"batch_size": 8, "max_token_len": 512})),
+                       ("GET", "/status-env"): status_env})
+    env = registered(api.url, tiny_model, group_size=4, total_steps=3)
+    env.setup()
+    env.register()
+    assert env._room() == 0 and env._room() == 0
+    assert env._claim() is not None  # the third answer is still full: waited, then claimed
+    assert len(status_calls) == 4 and env.stop_event.waits == [0.25]
+    assert env._room() == 6  # 3 x 8 // 4 groups, none queued
+    api.routes[("GET", "/status-env")] = answers((200, {**ROOMY, "max_queue_sequences": 16}))
+    assert env._room() == 4  # our API also says where its 503s start: 16 // 4 groups
+    env.config.max_batches_offpolicy = 0  # off: only the API's 503 bounds us
+    calls = len(api.calls)
+    assert env._room() is None and len(api.calls) == calls
+
+
+@pytest.mark.integration
+def test_env_registers_again_after_the_api_is_killed_and_restarted(tiny_model, tmp_path):
+    """A real API, killed with SIGKILL and restarted on the same port: the env's next POST gets
+    409 "unknown env_id", it registers again (waiting until a trainer polls the new API, as
+    atroposlib's gate says), and the group reaches the new API's batch."""
+    import signal
+
+    from example_trainer.process import ManagedProcess, free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+
+    def start_api(name: str) -> ManagedProcess:
+        proc = ManagedProcess.python(name, ["-m", "environments.api_server", "--port", str(port)],
+                                     tmp_path / f"{name}.log")
+        proc.wait_healthy(f"{url}/status", 60)
+        return proc
+
+    def trainer_polls() -> list | None:
+        requests.post(f"{url}/register", json={
+            "wandb_group": "g", "wandb_project": "p", "batch_size": 2, "max_token_len": 16,
+            "checkpoint_dir": "", "save_checkpoint_interval": -1, "starting_step": 0,
+            "num_steps": 10, "vocab_size": 100}, timeout=10).raise_for_status()
+        return requests.get(f"{url}/batch", timeout=10).json()["batch"]
+
+    env = ArithmeticEnv(ArithmeticEnvConfig(tokenizer_name=str(tiny_model), group_size=2,
+                                            rollout_server_url=url), OpenAIConfig())
+    api = start_api("api1")
+    try:
+        assert trainer_polls() is None
+        env.register()
+        first_id = env.env_id
+        env.post_group(small_group(5))
+        assert [g["tokens"] for g in trainer_polls()] == [small_group(5)["tokens"]]
+        api.popen.send_signal(signal.SIGKILL)  # its queue and registrations are gone
+        api.popen.wait(10)
+    finally:
+        api.stop()
+    api = start_api("api2")
+    poster = threading.Thread(target=env.post_group, args=(small_group(6),))
+    try:
+        poster.start()
+        deadline = time.monotonic() + 60
+        while (batch := trainer_polls()) is None:  # the trainer comes back too, and polls
+            assert time.monotonic() < deadline, f"no batch; API log:\n{api.log_tail()}"
+            time.sleep(0.2)  # poll interval
+        poster.join(timeout=30)
+        status = env.queue_status()
+    finally:
+        env.stop_event.set()
+        api.stop()
+    assert not poster.is_alive()
+    assert [g["tokens"] for g in batch] == [small_group(6)["tokens"]]
+    assert batch[0]["env_id"] == env.env_id != first_id
+    assert status["current_step"] == 1 and status["queue_size"] == 0
