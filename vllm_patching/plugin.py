@@ -1,7 +1,12 @@
 """vLLM general plugin `grpo_bridge` (entry point `vllm.general_plugins`, see pyproject.toml).
 
 vLLM loads general plugins in every process it starts (API server, engine core, workers), so
-`register()` must be idempotent and cheap: it does nothing unless VLLM_ENABLE_SHARED_WEIGHTS=1.
+`register()` must be idempotent and cheap. Always, in every process vLLM started (never in the
+API server itself), it asks Linux to kill that process when its parent dies (die_with_parent):
+vLLM's engine core and workers otherwise outlive an API server killed with SIGKILL, holding
+their GPU memory or KV-cache RAM until someone finds them.
+
+Beyond that it does nothing unless VLLM_ENABLE_SHARED_WEIGHTS=1.
 Then it installs two named, version-checked patches and nothing else:
 
 - monkey_patch_worker_load_model: after the worker loads the model, export the shared weights
@@ -15,18 +20,29 @@ fails with the fix if it did not.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib.abc
 import importlib.util
 import logging
+import multiprocessing
+import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 from vllm_patching import bridge_config
 
-log = logging.getLogger(__name__)
+# A child of vLLM's logger: in vLLM's engine and worker processes only its tree has a handler.
+log = logging.getLogger("vllm.grpo_bridge")
+
+PLUGIN_NAME = "grpo_bridge"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_fork_hook_installed = False
+_forking: dict[str, Any] = {}  # set in the parent just before a fork, read in the child
 
 #: vLLM minor versions whose Worker.load_model / dispatch_cpu_unquantized_gemm we have read.
 SUPPORTED_MINORS = ((0, 26), (0, 32))
@@ -146,6 +162,76 @@ def install_patches(load_model_hook: bool = True) -> None:
         after_import("vllm.v1.worker.gpu_worker", monkey_patch_worker_load_model)
 
 
+# ----------------------------------------------------------------------------- parent death
+def _kill_me_when_parent_dies(parent_pid: int) -> bool:
+    """prctl(PR_SET_PDEATHSIG, SIGKILL). SIGKILL because nobody is left to escalate a SIGTERM
+    that a stuck engine ignores; each level (engine core, then its workers) sets its own."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        log.warning("grpo_bridge: prctl(PR_SET_PDEATHSIG) failed (errno %d): pid %d may "
+                    "outlive its parent", ctypes.get_errno(), os.getpid())
+        return False
+    if os.getppid() != parent_pid:  # the parent died before prctl: no signal will ever come
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
+def die_with_parent() -> bool:
+    """In a process that multiprocessing started (vLLM's engine core and workers are spawned on
+    the CPU; the parent sits in multiprocessing.parent_process() or, while the child unpickles
+    its target, is a `--multiprocessing-fork` command line): die with the parent. No-op in any
+    other process, the API server included, and off Linux."""
+    if not sys.platform.startswith("linux"):
+        return False
+    parent = multiprocessing.parent_process()
+    if parent is None and "--multiprocessing-fork" not in sys.argv:
+        return False
+    parent_pid = parent.pid if parent is not None else os.getppid()
+    if not _kill_me_when_parent_dies(parent_pid):
+        return False
+    log.info("grpo_bridge: pid %d dies with its parent (pid %d)", os.getpid(), parent_pid)
+    return True
+
+
+def _before_fork() -> None:
+    _forking.update(pid=os.getpid(), main=threading.current_thread() is threading.main_thread())
+
+
+def _after_fork_in_child() -> None:
+    # The kernel ties the signal to the forking *thread*: only a fork from the main thread
+    # (vLLM starts its engine core and workers there) is tied to the process's life.
+    if _forking.get("main"):
+        _kill_me_when_parent_dies(_forking["pid"])
+
+
+def install_fork_hook() -> None:
+    """Forked children never load plugins again (vLLM's once-per-process flag is inherited), so
+    a fork hook covers them (vLLM forks its engine core on GPU machines unless CUDA is up)."""
+    global _fork_hook_installed
+    if _fork_hook_installed or not sys.platform.startswith("linux"):
+        return
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+    _fork_hook_installed = True
+
+
+def enable_in_vllm_processes() -> None:
+    """For our API server, before vLLM reads VLLM_PLUGINS: vLLM loads every installed general
+    plugin, or only those VLLM_PLUGINS names. Add ours if it names others; warn if ours is not
+    installed (then vLLM's children outlive a killed server)."""
+    from importlib.metadata import entry_points
+
+    if not entry_points(group="vllm.general_plugins", name=PLUGIN_NAME):
+        log.warning("vLLM plugin %s is not installed (pip install -e . in the repo): vLLM's "
+                    "engine processes will outlive this server if it is killed", PLUGIN_NAME)
+        return
+    allowed = os.environ.get("VLLM_PLUGINS")
+    if allowed is not None and PLUGIN_NAME not in allowed.split(","):
+        os.environ["VLLM_PLUGINS"] = f"{allowed},{PLUGIN_NAME}" if allowed else PLUGIN_NAME
+        log.info("VLLM_PLUGINS=%r: added %s", allowed, PLUGIN_NAME)
+
+
 def register() -> None:
     """Entry point of the `vllm.general_plugins` group; safe to call any number of times."""
+    die_with_parent()
+    install_fork_hook()
     install_patches(load_model_hook=True)
