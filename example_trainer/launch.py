@@ -124,8 +124,7 @@ class Stack:
         for proc in self.procs:
             if proc is not finishing and not proc.alive():
                 raise RuntimeError(f"{proc.name} (pid {proc.pid}) exited with code "
-                                   f"{proc.popen.returncode}; log {proc.log_path}:\n"
-                                   f"{proc.log_tail()}")
+                                   f"{proc.popen.returncode}; {proc.log_excerpt()}")
 
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
@@ -264,7 +263,7 @@ def stream_steps(stack: Stack, trainer: ManagedProcess) -> None:
         offset = len(text)
         if done:
             if trainer.popen.returncode != 0:
-                raise RuntimeError(f"trainer failed; see {trainer.log_path}:\n{trainer.log_tail()}")
+                raise RuntimeError(f"trainer failed; {trainer.log_excerpt()}")
             return
         stack.check_alive(finishing=trainer)
         time.sleep(1.0)  # polling a log file, not synchronising

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,6 +21,9 @@ from pathlib import Path
 import requests
 
 log = logging.getLogger(__name__)
+
+# The first line of a failure in a child's log (Python tracebacks, vLLM's and our ERROR lines).
+ERROR_LINE = re.compile(r"Traceback \(most recent call last\)|\bERROR\b|\w+Error:|Killed")
 
 
 def free_port() -> int:
@@ -92,6 +96,21 @@ class ManagedProcess:
             return ""
         return "\n".join(lines[-n_lines:])
 
+    def log_excerpt(self, n_lines: int = 30) -> str:
+        """Where the log first reports an error, then its last lines: a process that exits after
+        an error logs its shutdown last, and the tail alone would hide the cause."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return f"(no log at {self.log_path})"
+        tail = lines[-n_lines:]
+        first = next((i for i, line in enumerate(lines) if ERROR_LINE.search(line)), None)
+        head = ""
+        if first is not None and first < len(lines) - n_lines:
+            head = (f"first error, line {first + 1} of {self.log_path}:\n"
+                    + "\n".join(lines[first:first + n_lines]) + "\n...\n")
+        return f"{head}last lines of {self.log_path}:\n" + "\n".join(tail)
+
     def wait_healthy(self, url: str, timeout_s: float, poll_s: float = 0.5) -> float:
         """Poll `url` until it answers 200; return the seconds it took.
 
@@ -104,7 +123,7 @@ class ManagedProcess:
             if not self.alive():
                 raise ProcessDied(
                     f"{self.name} (pid {self.pid}) exited with code {self.popen.returncode} "
-                    f"before {url} answered; last log lines ({self.log_path}):\n{self.log_tail()}"
+                    f"before {url} answered; {self.log_excerpt()}"
                 )
             try:
                 if requests.get(url, timeout=2).status_code == 200:
@@ -114,7 +133,7 @@ class ManagedProcess:
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"{self.name} (pid {self.pid}) did not answer {url} within {timeout_s:.0f}s; "
-                    f"last log lines ({self.log_path}):\n{self.log_tail()}"
+                    f"{self.log_excerpt()}"
                 )
             time.sleep(poll_s)
 

@@ -19,7 +19,7 @@ import torch
 from example_trainer.api_client import ApiClient
 from example_trainer.bridges.base import WeightBridge
 from example_trainer.config import parse_config
-from example_trainer.process import ManagedProcess, free_port
+from example_trainer.process import ManagedProcess, ProcessDied, free_port
 from example_trainer.trainer import apply_step
 from example_trainer.vllm_client import InferenceServerError, VllmClient
 
@@ -158,3 +158,34 @@ def test_the_trainer_registers_again_with_a_restarted_api(tmp_path):
         api.stop()
     assert [g["tokens"] for g in batch] == [_group(7)["tokens"]]
     assert status["current_step"] == 4  # re-registered at step 3, then handed out one batch
+
+
+CRASH_THEN_SHUTDOWN = """
+import sys
+print("INFO starting", flush=True)
+try:
+    raise ValueError("engine core died: the real cause")
+except ValueError:
+    import traceback; traceback.print_exc()
+for i in range(60):
+    print(f"INFO [shutdown] step {i}", flush=True)
+sys.exit(0)
+"""
+
+
+def test_a_dead_child_is_reported_with_its_first_error_not_only_its_shutdown(tmp_path):
+    """vLLM logs dozens of shutdown lines after the error that killed it (CI once saw only
+    those): the message must carry the cause."""
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_THEN_SHUTDOWN)
+    proc = ManagedProcess.python("crasher", [str(script)], tmp_path / "crasher.log")
+    try:
+        with pytest.raises(ProcessDied) as e:
+            proc.wait_healthy(f"http://127.0.0.1:{free_port()}/health", timeout_s=60)
+    finally:
+        proc.stop()
+    message = str(e.value)
+    assert "exited with code 0" in message
+    assert "ValueError: engine core died: the real cause" in message
+    assert message.rstrip().endswith("[shutdown] step 59")
+    assert len(message.splitlines()) < 70  # an excerpt, not the whole log
