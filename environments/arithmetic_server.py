@@ -150,7 +150,7 @@ class ArithmeticEnv(BaseEnv):
         return exact_match_reward(completion_text, item.answer)
 
 
-def greedy_accuracy(base_url: str, n: int = 200, tokenizer_name: str = "smollm2",
+def greedy_accuracy(base_url: str, tokenizer_name: str, n: int = 200,
                     **env_fields: Any) -> dict[str, Any]:
     """Greedy accuracy of the model served at `base_url` on `n` held-out problems (for the
     launcher's before/after report); same numbers as the `evaluate` subcommand."""

@@ -33,34 +33,19 @@ from environments.inference_client import (
     StopRequested,
     request_with_retry,
 )
+from environments.schemas import ScoredData
 
 log = logging.getLogger(__name__)
 
-# Placeholder on prompt positions of inference_logprobs, as atroposlib's ManagedServer writes it.
-PROMPT_LOGPROB = 1.0
-
-
 def build_scored_group(prompt_ids: list[int], completions: list[Completion], scores: list[float],
                        messages: list[list[dict]] | None = None) -> dict[str, Any]:
-    """One ScoredData group: tokens = prompt + completion, masks -100 on the prompt.
-
-    inference_logprobs follow atroposlib's ManagedServer (atroposlib/envs/server_handling/
-    managed_server.py, `_create_sequence_node`): one value per token of `tokens`, 1.0 as a
-    placeholder on prompt positions (never a valid logprob, and masked out by `masks` anyway),
-    the sampled token's logprob on completion positions. Omitted if any completion lacks them.
-    """
-    n_prompt = len(prompt_ids)
-    group: dict[str, Any] = {
-        "tokens": [prompt_ids + c.token_ids for c in completions],
-        "masks": [[-100] * n_prompt + c.token_ids for c in completions],
-        "scores": [float(s) for s in scores],
-    }
-    if all(c.logprobs is not None for c in completions):
-        group["inference_logprobs"] = [
-            [PROMPT_LOGPROB] * n_prompt + c.logprobs for c in completions]
-    if messages is not None:
-        group["messages"] = messages
-    return group
+    """One ScoredData group (the wire schema's), as the JSON object POST /scored_data takes;
+    inference_logprobs omitted if any completion lacks them."""
+    logprobs = [c.logprobs for c in completions]
+    group = ScoredData.from_completions(
+        prompt_ids, [c.token_ids for c in completions],
+        logprobs if all(lp is not None for lp in logprobs) else None, scores, messages)
+    return group.model_dump(exclude_none=True)
 
 
 class BaseEnv:
@@ -72,11 +57,9 @@ class BaseEnv:
     def __init__(self, config: BaseEnvConfig, openai_config: OpenAIConfig) -> None:
         from transformers import AutoTokenizer
 
-        from example_trainer.models import resolve_model
-
         self.config = config
         self.openai_config = openai_config
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.tokenizer_name))
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name)
         self.stop_event = threading.Event()
         self.client = InferenceClient(openai_config, self.encode, self.stop_event)
         self.env_id: int | None = None

@@ -22,7 +22,9 @@ class BaseEnvConfig:
     """The --env.* flags every environment shares (names from atroposlib's BaseEnvConfig)."""
 
     tokenizer_name: str = config_field(
-        "smollm2", "HF tokenizer whose chat template builds prompts; smollm2/tiny: local models")
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "HF hub name or local folder of the tokenizer whose chat template builds prompts (the "
+        "local SmolLM2: $(python -m example_trainer.models smollm2))")
     group_size: int = config_field(
         4, "completions per prompt, generated in one request and posted as one group")
     batch_size: int = config_field(

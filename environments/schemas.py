@@ -23,6 +23,10 @@ from pydantic import (
     model_validator,
 )
 
+IGNORE = -100  # mask value where no loss is taken (the prompt), as in Atropos
+# Placeholder on prompt positions of inference_logprobs, as atroposlib's ManagedServer writes it
+# (never a valid logprob, and masked out by `masks` anyway).
+PROMPT_LOGPROB = 1.0
 MAX_TOKEN_ID = 2**31 - 1
 MAX_VOCAB_SIZE = 1 << 24  # the largest real vocabularies are ~2**18
 MAX_GROUP_SEQUENCES = 4096  # sequences in one group
@@ -196,13 +200,30 @@ class ScoredData(BaseModel):
             if len(mask) != len(toks):
                 raise ValueError(
                     f"masks[{i}] has {len(mask)} entries but tokens[{i}] has {len(toks)}")
-            if any(m != -100 and m != t for m, t in zip(mask, toks, strict=True)):
+            if any(m != IGNORE and m != t for m, t in zip(mask, toks, strict=True)):
                 raise ValueError(f"masks[{i}] must hold -100 or the token id at each position")
             if lps is not None and len(lps[i]) != len(toks):
                 raise ValueError(
                     f"inference_logprobs[{i}] has {len(lps[i])} entries but tokens[{i}] has "
                     f"{len(toks)}: send one logprob per token, prompt padded")
         return self
+
+    @classmethod
+    def from_completions(cls, prompt_ids: list[int], completions: list[list[int]],
+                         logprobs: list[list[float]] | None, scores: list[float],
+                         messages: list[list[dict]] | None = None) -> ScoredData:
+        """The group of one prompt and its completions: tokens = prompt + completion, masks
+        IGNORE on the prompt, inference_logprobs one per token (PROMPT_LOGPROB on the prompt,
+        as atroposlib's ManagedServer `_create_sequence_node` writes them) when given."""
+        n = len(prompt_ids)
+        return cls(
+            tokens=[prompt_ids + c for c in completions],
+            masks=[[IGNORE] * n + c for c in completions],
+            scores=[float(s) for s in scores],
+            inference_logprobs=None if logprobs is None else [
+                [PROMPT_LOGPROB] * n + lp for lp in logprobs],
+            messages=messages,
+        )
 
     def max_token_id(self) -> int:
         """The largest token id anywhere in the group (tokens and distillation ids)."""

@@ -1,7 +1,9 @@
 """API batch -> padded tensors: tokens, loss mask, advantages, inference logprobs.
 
-A batch is a list of ScoredData groups (one prompt, group_size completions each). Sequences are
-checked, given group-relative advantages, packed into micro-batches and collated. Position t of
+A batch is a list of ScoredData groups (one prompt, group_size completions each), checked with the
+wire schema the batching API uses (environments/schemas.py: an API such as atroposlib's run-api
+may pass anything on), then against this trainer: lengths and token ids. Sequences get
+group-relative advantages and are packed into micro-batches and collated. Position t of
 every (B, T-1) tensor describes the prediction of token t+1 from the prefix tokens[:t+1].
 """
 
@@ -10,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from pydantic import ValidationError
 from torch import Tensor
 
+from environments.schemas import IGNORE, ScoredData
 from example_trainer.loss import group_advantages
-
-IGNORE = -100  # mask value of tokens that are not trained (prompt), as in Atropos
 
 
 @dataclass
@@ -40,40 +42,49 @@ class MicroBatch:
         return int(self.loss_mask.sum())
 
 
-def _check_group(i: int, group: dict, max_len: int) -> None:
-    """Raise a ValueError that says which group is malformed and how."""
-    tokens, masks, scores = group.get("tokens"), group.get("masks"), group.get("scores")
-    if not (isinstance(tokens, list) and isinstance(masks, list) and isinstance(scores, list)):
-        raise ValueError(f"batch group {i}: needs lists 'tokens', 'masks' and 'scores' "
-                         "(Atropos ScoredData); check the environment that produced it")
-    if not (len(tokens) == len(masks) == len(scores)) or not tokens:
-        raise ValueError(f"batch group {i}: {len(tokens)} token lists, {len(masks)} mask lists, "
-                         f"{len(scores)} scores: they must be equal and non-zero")
-    lps = group.get("inference_logprobs")
-    for j, (t, m) in enumerate(zip(tokens, masks, strict=True)):
-        if len(t) != len(m):
-            raise ValueError(f"batch group {i} seq {j}: {len(t)} tokens but {len(m)} mask values")
-        if lps is not None and len(lps[j]) != len(t):
-            raise ValueError(f"batch group {i} seq {j}: {len(lps[j])} inference_logprobs for "
-                             f"{len(t)} tokens: they must be aligned per token")
-        if len(t) > max_len:
-            raise ValueError(f"batch group {i} seq {j}: {len(t)} tokens > --max-token-len "
-                             f"{max_len}; raise it or lower the environment's max_token_length")
+def check_group(group: dict, max_len: int, vocab_size: int | None) -> ScoredData:
+    """The group as ScoredData, or a ValueError that says what is wrong and where to fix it."""
+    try:
+        g = ScoredData.model_validate(group)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                             for err in e.errors(include_url=False)[:3])
+        raise ValueError(f"not a valid ScoredData group ({problems}): check the environment "
+                         "that produced it") from None
+    longest = max(len(t) for t in g.tokens)
+    if longest > max_len:
+        raise ValueError(f"a sequence of {longest} tokens > --max-token-len {max_len}: raise it "
+                         "or lower the environment's max_token_length")
+    if vocab_size is not None and g.max_token_id() >= vocab_size:
+        raise ValueError(f"token id {g.max_token_id()} >= the model's vocabulary ({vocab_size}):"
+                         " the environment uses another tokenizer")
+    return g
 
 
-def rollouts_from_batch(batch: list[dict], max_len: int, scale_advantages: bool) -> list[Rollout]:
+def usable_groups(batch: list[dict], max_len: int, vocab_size: int | None = None
+                  ) -> tuple[list[ScoredData], list[str]]:
+    """The groups this trainer can train on, and one problem line per group it cannot."""
+    groups, problems = [], []
+    for i, group in enumerate(batch):
+        try:
+            groups.append(check_group(group, max_len, vocab_size))
+        except ValueError as e:
+            problems.append(f"batch group {i}: {e}")
+    return groups, problems
+
+
+def rollouts_from_groups(groups: list[ScoredData], scale_advantages: bool) -> list[Rollout]:
     """Flatten groups into rollouts with group-relative advantages (score - group mean)."""
     rollouts: list[Rollout] = []
     group_ids: list[int] = []
-    for i, group in enumerate(batch):
-        _check_group(i, group, max_len)
-        lps = group.get("inference_logprobs")
-        for j, (tokens, masks) in enumerate(zip(group["tokens"], group["masks"], strict=True)):
+    for i, g in enumerate(groups):
+        lps = g.inference_logprobs
+        for j, (tokens, masks) in enumerate(zip(g.tokens, g.masks, strict=True)):
             rollouts.append(Rollout(
-                tokens=list(tokens),
+                tokens=tokens,
                 trained=[m != IGNORE for m in masks],
-                inference_logprobs=list(lps[j]) if lps is not None else None,
-                score=float(group["scores"][j]),
+                inference_logprobs=lps[j] if lps is not None else None,
+                score=g.scores[j],
             ))
             group_ids.append(i)
     scores = torch.tensor([r.score for r in rollouts], dtype=torch.float32)

@@ -21,7 +21,14 @@ from example_trainer.api_client import ApiClient
 from example_trainer.bridges import WeightBridge, make_bridge
 from example_trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from example_trainer.config import TrainConfig, save_config
-from example_trainer.data import MicroBatch, collate, pack, rollouts_from_batch
+from example_trainer.data import (
+    MicroBatch,
+    Rollout,
+    collate,
+    pack,
+    rollouts_from_groups,
+    usable_groups,
+)
 from example_trainer.loss import LossInputs, StepTotals, make_loss_fn, token_entropy, token_logprobs
 from example_trainer.machine import device
 from example_trainer.metrics import MetricsLogger
@@ -113,6 +120,22 @@ def apply_step(bridge: WeightBridge, optimizer: torch.optim.Optimizer, scheduler
     return time.monotonic() - t0
 
 
+def next_rollouts(client: ApiClient, cfg: TrainConfig, step: int, vocab_size: int | None
+                  ) -> tuple[list[Rollout], int]:
+    """The rollouts of the next batch that has a usable group, and the groups dropped on the way
+    (a group this trainer cannot train on is logged and skipped, never a crash)."""
+    dropped = 0
+    while True:
+        batch = client.get_batch(cfg.batch_poll_timeout, steps_done=step - 1)
+        groups, problems = usable_groups(batch, cfg.max_token_len, vocab_size)
+        for problem in problems:
+            log.warning("dropped %s", problem)
+        dropped += len(problems)
+        if groups:
+            return rollouts_from_groups(groups, cfg.scale_advantages), dropped
+        log.warning("no usable group in a batch of %d: fetching another", len(batch))
+
+
 def _seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -149,17 +172,15 @@ def train(cfg: TrainConfig, bridge: WeightBridge | None = None) -> list[dict[str
             log.warning("--resume: no checkpoint in %s, starting from step 0", run_dir)
         client = ApiClient(cfg.api_url, retry_s=cfg.server_retry_s)
         # the first /batch follows at once (atroposlib's run-api waits for it to admit envs)
-        client.register(cfg, starting_step=start,
-                        vocab_size=getattr(model.config, "vocab_size", None))
+        vocab_size = getattr(model.config, "vocab_size", None)
+        client.register(cfg, starting_step=start, vocab_size=vocab_size)
         metrics = MetricsLogger(cfg, run_dir, first_step=start)
 
         skipped = 0  # steps whose loss or gradient was not finite (nothing written)
         for step in range(start + 1, cfg.training_steps + 1):
             t_step = time.monotonic()
-            batch = client.get_batch(cfg.batch_poll_timeout, steps_done=step - 1)
+            rollouts, dropped = next_rollouts(client, cfg, step, vocab_size)
             t_batch = time.monotonic() - t_step
-
-            rollouts = rollouts_from_batch(batch, cfg.max_token_len, cfg.scale_advantages)
             micro = [collate(m, pad_id) for m in
                      pack(rollouts, cfg.batch_size, cfg.micro_batch_tokens)]
             totals = StepTotals(num_tokens=sum(mb.num_tokens for mb in micro),
@@ -192,6 +213,7 @@ def train(cfg: TrainConfig, bridge: WeightBridge | None = None) -> list[dict[str
                 "time/fwd_bwd": t_fwd_bwd,
                 "time/optim_step": t_fence or 0.0,
                 "optim/skipped_steps": skipped,
+                "data/dropped_groups": dropped,
                 **sync_metrics,
             }
             row["time/step"] = time.monotonic() - t_step

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from example_trainer.data import collate, pack, rollouts_from_batch
+from example_trainer.data import collate, pack, rollouts_from_groups, usable_groups
+
+
+def rollouts_from_batch(batch, max_len, scale_advantages, vocab_size=None):
+    groups, problems = usable_groups(batch, max_len, vocab_size)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return rollouts_from_groups(groups, scale_advantages)
 
 
 def group(lengths, prompt_len=2, scores=None, with_lps=True):
@@ -44,10 +51,13 @@ def test_missing_inference_logprobs_gives_none():
 
 
 @pytest.mark.parametrize("mutate,needle", [
-    (lambda g: g["masks"][0].pop(), "mask values"),
+    (lambda g: g["masks"][0].pop(), "masks"),
     (lambda g: g["scores"].pop(), "scores"),
     (lambda g: g["inference_logprobs"][1].pop(), "inference_logprobs"),
     (lambda g: g.pop("tokens"), "tokens"),
+    (lambda g: g["scores"].__setitem__(0, 1e39), "scores"),  # inf in float32: NaN weights
+    (lambda g: g["tokens"][0].__setitem__(0, -1), "tokens"),
+    (lambda g: g["masks"][0].__setitem__(3, 7), "masks"),  # neither -100 nor the token
 ])
 def test_malformed_groups_raise_with_reason(mutate, needle):
     g = group([4, 4])
@@ -59,6 +69,19 @@ def test_malformed_groups_raise_with_reason(mutate, needle):
 def test_too_long_sequence_names_the_flag():
     with pytest.raises(ValueError, match="--max-token-len"):
         rollouts_from_batch([group([10, 4])], max_len=8, scale_advantages=False)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused():
+    with pytest.raises(ValueError, match="vocabulary"):
+        rollouts_from_batch([group([4, 4])], max_len=64, scale_advantages=False, vocab_size=13)
+
+
+def test_bad_groups_are_dropped_and_the_rest_kept():
+    bad = group([4, 4])
+    bad["scores"][0] = float("nan")
+    groups, problems = usable_groups([group([4, 4]), bad, group([5, 5])], max_len=64)
+    assert [len(g.tokens[0]) for g in groups] == [4, 5]
+    assert len(problems) == 1 and problems[0].startswith("batch group 1:")
 
 
 def test_pack_by_count_and_by_token_budget():

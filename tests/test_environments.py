@@ -17,10 +17,11 @@ import requests
 from environments import arithmetic_server as arith
 from environments import inference_client as ic
 from environments.arithmetic_server import ArithmeticEnv, ArithmeticEnvConfig, Problem
-from environments.base import PROMPT_LOGPROB, build_scored_group
+from environments.base import build_scored_group
 from environments.env_config import parse_cli
 from environments.gsm8k_server import DEFAULT_DATA_PATH, gold_answer, load_gsm8k, score_answer
 from environments.inference_client import Completion, OpenAIConfig
+from environments.schemas import PROMPT_LOGPROB
 
 # ---- a tiny real HTTP server: routes map (method, path) -> handler(body) -> (status, json) ----
 

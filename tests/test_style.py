@@ -66,6 +66,23 @@ def test_loss_module_is_pure():
     assert "print(" not in (ROOT / "example_trainer" / "loss.py").read_text()
 
 
+def imports_of(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+             for alias in node.names}
+    return names | {node.module for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.module}
+
+
+def test_environments_never_import_the_trainer():
+    """Environments and the batching API are the lower layer (the trainer imports their wire
+    schema); an environment runs where no trainer is installed."""
+    upward = {str(p.relative_to(ROOT)): sorted(m for m in imports_of(p)
+                                               if m.startswith("example_trainer"))
+              for p in (ROOT / "environments").rglob("*.py")}
+    assert not {k: v for k, v in upward.items() if v}
+
+
 def test_only_make_bridge_reads_the_mode():
     readers = [str(p.relative_to(ROOT)) for p in sources()
                if "cfg.weight_bridge_mode ==" in p.read_text()]
