@@ -21,11 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.sync_latency import device_label, machine_info  # noqa: E402
+from example_trainer.inference.manager import server_args  # noqa: E402
 from example_trainer.launch import OPTIMIZER_FOR_DTYPE  # noqa: E402
 from example_trainer.machine import DTYPE_CHOICES, resolve_dtype  # noqa: E402
 from example_trainer.models import resolve_model  # noqa: E402
 from example_trainer.process import ManagedProcess, free_port, raise_on_sigterm  # noqa: E402
-from example_trainer.vllm_manager import server_args  # noqa: E402
 
 log = logging.getLogger("e2e_shared_vllm")
 

@@ -36,10 +36,10 @@ import torch  # noqa: E402
 
 from example_trainer import machine  # noqa: E402
 from example_trainer.config import TrainConfig  # noqa: E402
+from example_trainer.inference.manager import start_vllm  # noqa: E402
 from example_trainer.machine import torch_dtype  # noqa: E402
 from example_trainer.models import resolve_model  # noqa: E402
 from example_trainer.process import ManagedProcess, free_port, raise_on_sigterm  # noqa: E402
-from example_trainer.vllm_manager import start_vllm  # noqa: E402
 
 log = logging.getLogger("sync_latency")
 CUDA = torch.cuda.is_available()

@@ -5,14 +5,7 @@ Every queued group has already passed ScoredData's checks and is kept as the JSO
 GET /batch will send, encoded once at the door: forming a batch only joins bytes, so it cannot
 fail half-way and lose the groups it popped.
 
-Batches are whole groups totalling exactly `batch_size` sequences. If any set of queued groups
-sums to `batch_size`, GET /batch forms one (pick_exact searches all subsets). What can remain
-queued: groups whose sizes cannot complete a batch with the others (sizes 3 and 3 for a batch
-of 8, or the tail of a run), and everything while an env with a min_batch_allocation has nothing
-queued (atroposlib holds batches for it the same way). Group sizes where each divides the next
-(1, 2, 4, 8 for a batch of 8) always pack: then fewer than batch_size sequences remain. Other
-mixes (only 5s and 6s for a batch of 8) may never pack, and a full queue of them takes only
-groups that bring a batch closer (see _unjams); the envs posting the rest wait on 503.
+How a batch is chosen from the queue: environments/batch_plan.py.
 """
 
 from __future__ import annotations
@@ -20,16 +13,20 @@ from __future__ import annotations
 import logging
 import random
 import uuid
-from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from environments.batch_plan import (
+    atropos_env_status,
+    min_shares,
+    pick_exact,
+    priority_order,
+    reachable,
+)
 from environments.schemas import RegisterEnv, Registration, ScoredData
 
 log = logging.getLogger(__name__)
 
-MIN_ENV_WEIGHT = 0.01  # atroposlib's floor: no env starves completely
 QUEUE_BATCHES = 16  # default bound: this many batches of sequences
 UNREGISTERED_QUEUE_SEQUENCES = 4096  # bound until /register tells us the batch size
 DEFAULT_QUEUE_BYTES = 1 << 30
@@ -37,33 +34,6 @@ DEFAULT_QUEUE_BYTES = 1 << 30
 # changes one of them would get batches built for another trainer.
 BATCH_SHAPING = ("batch_size", "max_token_len", "vocab_size")
 
-
-def reachable(sizes: Sequence[int], target: int) -> int:
-    """Bitset of the sums up to `target` that subsets of `sizes` can make (bit k: sum k)."""
-    reach, full = 1, (1 << (target + 1)) - 1
-    for size in sizes:
-        reach = (reach | (reach << size)) & full
-    return reach
-
-
-def pick_exact(sizes: Sequence[int], target: int) -> list[int] | None:
-    """Positions of items whose sizes sum to exactly `target`, preferring earlier positions.
-
-    Takes each item in turn if the rest can still complete the sum; `reach[i]` is the bitset of
-    sums that items i.. can make. None when no subset fits.
-    """
-    full = (1 << (target + 1)) - 1
-    reach = [1] * (len(sizes) + 1)
-    for i in range(len(sizes) - 1, -1, -1):
-        reach[i] = (reach[i + 1] | (reach[i + 1] << sizes[i])) & full
-    if target <= 0 or not (reach[0] >> target) & 1:
-        return None
-    picked, left = [], target
-    for i, size in enumerate(sizes):
-        if 0 < size <= left and (reach[i + 1] >> (left - size)) & 1:
-            picked.append(i)
-            left -= size
-    return picked
 
 
 class Rejected(ValueError):
@@ -277,43 +247,11 @@ class BatchingState:
             return None
         return pick_exact([g.size for g in queue], self.batch_size)
 
-    def _min_sequences(self) -> dict[int, int]:
-        mins = {e.env_id: int(self.batch_size * e.min_batch_allocation)
-                for e in self.envs.values() if e.connected and e.min_batch_allocation is not None}
-        mins = {k: v for k, v in mins.items() if v > 0}
-        total = sum(mins.values())
-        if total > self.batch_size:  # over-subscribed: scale down, at least one group each
-            mins = {k: max(1, v * self.batch_size // total) for k, v in mins.items()}
-        return mins
-
     def _held(self, queue: list[QueuedGroup]) -> bool:
         # As atroposlib: an env with a minimum share and no data queued holds batches back.
         present = {g.env_id for g in queue}
-        return any(env_id not in present for env_id in self._min_sequences())
-
-    def _weight(self, env_id: int | None) -> float:
-        env = self.envs.get(env_id) if env_id is not None else None
-        return max(MIN_ENV_WEIGHT, env.weight) if env else 1.0
-
-    def _priority_order(self) -> list[int]:
-        """Queue positions in the order a batch should draw them: each env's minimum share
-        first, then a draw weighted by env weight (seeded); each env stays oldest first."""
-        by_env: dict[int | None, deque[int]] = {}
-        for i, g in enumerate(self.queue):
-            by_env.setdefault(g.env_id, deque()).append(i)
-        order: list[int] = []
-        for env_id, min_seqs in self._min_sequences().items():
-            pending, taken = by_env[env_id], 0
-            while pending and taken < min_seqs:
-                order.append(pending.popleft())
-                taken += self.queue[order[-1]].size
-        keys = [k for k, pending in by_env.items() if pending]
-        while len(keys) > 1:
-            k = self.rng.choices(keys, weights=[self._weight(k) for k in keys])[0]
-            order.append(by_env[k].popleft())
-            if not by_env[k]:
-                keys.remove(k)
-        return order + [i for k in keys for i in by_env[k]]
+        return any(env_id not in present
+                   for env_id in min_shares(self.batch_size, self.envs.values()))
 
     def next_batch(self) -> bytes | None:
         """The JSON array of one exact batch, removed from the queue; None to wait."""
@@ -324,7 +262,7 @@ class BatchingState:
                             "waiting for more", self.queued_sequences, self.batch_size)
                 self._warned_unpackable = True
             return None
-        order = self._priority_order()
+        order = priority_order(self.queue, self.envs, self.batch_size, self.rng)
         picked = pick_exact([self.queue[i].size for i in order], self.batch_size)
         assert picked is not None  # _plan found a subset; any order finds one
         chosen = {order[p] for p in picked}
@@ -350,32 +288,10 @@ class BatchingState:
                 "queue_bytes": self.queued_bytes, "max_queue_bytes": self.max_queue_bytes}
 
     def status_env(self, env_id: int) -> dict[str, Any]:
-        """atroposlib's /status-env numbers (its envs throttle on them: they start no new group
-        while queue_size * group_size >= max_batches_offpolicy * batch_size), plus ours."""
+        """atroposlib's /status-env numbers (its envs throttle on them), plus ours."""
         env = self.env(env_id)
-        connected = [e for e in self.envs.values() if e.connected]
-        total = sum(e.max_context_len * max(0.0, e.weight) for e in connected)
-        share = env.max_context_len * max(0.0, env.weight) / total if total > 0 else 0.0
-        mins = {e.env_id: int(self.batch_size * e.min_batch_allocation) for e in connected
-                if e.min_batch_allocation is not None}
-        max_group = max([1, *(g.size for g in self.queue)])
-        own = sum(g.size for g in self.queue if g.env_id == env_id)
-        # atroposlib tracks dynamic group sizes so
-        env.group_size = max([env.group_size, *(g.size for g in self.queue if g.env_id == env_id)])
-        others: dict[int | None, int] = {}
-        for g in self.queue:
-            if g.env_id != env_id:
-                others[g.env_id] = others.get(g.env_id, 0) + g.size
-        available = 0
-        if max_group > 1:  # other envs' data counts in packs of the largest group, less minimums
-            for other, seqs in others.items():
-                packs = -(-seqs // max_group)
-                available += max(0, packs * max_group - mins.get(other, 0))
-        allocated = sum(e.min_batch_allocation or 0.0 for e in connected)
-        return {"current_step": self.step, "queue_size": (own + available) // env.group_size,
-                "unallocated_fraction": 1.0 - min(allocated, 1.0),
-                "self_queue_size": own // env.group_size, "max_group_size": max_group,
-                "env_weight": max(MIN_ENV_WEIGHT, share),
+        return {"current_step": self.step,
+                **atropos_env_status(self.queue, self.envs.values(), env, self.batch_size),
                 # Ours (atroposlib's envs ignore unknown keys): the raw numbers.
                 "batch_size": self.batch_size or -1, "queue_sequences": self.queued_sequences,
                 "max_queue_sequences": self.queue_limit, "group_size": env.group_size}

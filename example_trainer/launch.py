@@ -23,10 +23,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from example_trainer.inference.manager import server_args
 from example_trainer.machine import DTYPE_CHOICES, machine_info, resolve_dtype
 from example_trainer.models import resolve_model
 from example_trainer.process import ManagedProcess, free_port, raise_on_sigterm
-from example_trainer.vllm_manager import server_args
 
 log = logging.getLogger("launch")
 

@@ -14,10 +14,10 @@ from torch import nn
 
 from example_trainer.bridges.shared_vllm import SharedVllmBridge
 from example_trainer.config import TrainConfig, parse_config
+from example_trainer.inference.manager import OUR_SERVER, start_vllm
 from example_trainer.machine import resolve_dtype
 from example_trainer.process import ManagedProcess, free_port
 from example_trainer.trainer import load_model
-from example_trainer.vllm_manager import OUR_SERVER, start_vllm
 from vllm_patching import bridge_config
 
 ROOT = Path(__file__).resolve().parents[1]

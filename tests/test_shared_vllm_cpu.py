@@ -12,8 +12,8 @@ import requests
 from transformers import AutoTokenizer
 
 from example_trainer.checkpoint import save_model_folder
+from example_trainer.inference.manager import STOCK_SERVER
 from example_trainer.trainer import train
-from example_trainer.vllm_manager import STOCK_SERVER
 from tests.helpers import (
     DTYPE,
     PROMPT_IDS,

@@ -20,9 +20,9 @@ import pytest
 import requests
 import torch
 
+from example_trainer.inference.manager import start_vllm
 from example_trainer.models import resolve_model
 from example_trainer.process import ManagedProcess, free_port
-from example_trainer.vllm_manager import start_vllm
 from tests.helpers import (
     PROMPT_IDS,
     attach,

