@@ -155,6 +155,11 @@ class EnvIdentifier(BaseModel):
     env_id: int = Field(ge=0, le=MAX_TOKEN_ID)
 
 
+# Per-sequence optional fields: [] means absent (atroposlib's BaseEnv sends [] for "none").
+PER_SEQUENCE_OPTIONAL = ("advantages", "ref_logprobs", "inference_logprobs", "overrides",
+                         "distill_token_ids", "distill_logprobs")
+
+
 class ScoredData(BaseModel):
     model_config = STRICT
     tokens: Annotated[TokenRows, Field(min_length=1, max_length=MAX_GROUP_SEQUENCES)]
@@ -173,6 +178,17 @@ class ScoredData(BaseModel):
     # On-policy distillation fields of atroposlib 0.4: [sequence][position][top_k].
     distill_token_ids: DistillIds | None = None
     distill_logprobs: DistillLogprobs | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_lists_are_absent(cls, data: Any) -> Any:
+        # atroposlib's BaseEnv.collect_trajectories (the default, for envs that implement
+        # collect_trajectory) starts these as [] and posts [] when no sequence had one; its
+        # run-api and trainer read [] as absent.
+        if isinstance(data, dict) and data.get("tokens"):
+            return {k: None if k in PER_SEQUENCE_OPTIONAL and v == [] else v
+                    for k, v in data.items()}
+        return data
 
     @field_validator("messages")
     @classmethod

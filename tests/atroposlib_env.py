@@ -38,13 +38,18 @@ def score(completion: list[int]) -> float:
 
 class CompatEnv(BaseEnv):
     """Asks "What is a + b?" through atroposlib's ManagedServer (server_type vllm: our /generate)
-    and posts the groups with BaseEnv's own handle_send_to_api."""
+    and posts the groups with BaseEnv's own handle_send_to_api, which drops groups whose scores
+    are all equal (ensure_scores_are_not_same, atroposlib's default)."""
 
     name = "atroposlib_compat"
     env_config_cls = CompatEnvConfig
 
     @classmethod
     def config_init(cls) -> tuple[CompatEnvConfig, list[APIServerConfig]]:
+        # wandb_name is the desired_name of POST /register-env: None is refused there (the serve
+        # CLI fills in cls.name, the probe does not). api_key: atroposlib's default "" makes the
+        # openai client in our venv (3.x) refuse to start ("Missing credentials"); any string
+        # will do for a server without --api-key.
         env = CompatEnvConfig(group_size=4, use_wandb=False, max_token_length=256,
                               max_num_workers=2, total_steps=1000, wandb_name=cls.name)
         server = APIServerConfig(server_type="vllm", model_name="default", timeout=300,
@@ -95,40 +100,36 @@ async def _get(session: aiohttp.ClientSession, url: str) -> dict:
         return await resp.json()
 
 
-async def probe(base_url: str, tokenizer: str, api_url: str) -> dict:
-    """atroposlib's clients against our servers; returns what they got, for the test to check.
-
-    - vllm: VLLMServer.tokens_and_logprobs_completion (our /generate), n=3, 6 new tokens.
-    - managed: ManagedServer.chat_completion n=2 (chat template, input_ids, node masks).
-    - default_group: BaseEnv's default collect_trajectories (one collect_trajectory per
-      sequence) and handle_send_to_api into our batching API, after a trainer registered there:
-      what was posted, and whether the API queued it.
-    """
-    server_cfg = APIServerConfig(server_type="vllm", base_url=base_url, model_name=tokenizer,
-                                 tokenizer_name=tokenizer, timeout=300, api_key="x")
-    out: dict = {}
-    vllm = VLLMServer(server_cfg)
-    prompt, tokens, logprobs, finish = await vllm.tokens_and_logprobs_completion(
+async def probe_vllm_server(cfg: APIServerConfig) -> dict:
+    """VLLMServer.tokens_and_logprobs_completion (our /generate): n=3, 6 new tokens."""
+    prompt, tokens, logprobs, finish = await VLLMServer(cfg).tokens_and_logprobs_completion(
         prompt="What is 2 + 3?", n=3, max_tokens=6, temperature=1.0)
-    out["vllm"] = {"prompt_tokens": prompt, "output_tokens": tokens, "output_logprobs": logprobs,
-                   "finish_reasons": finish,
-                   "expected_prompt": vllm.tokenizer.encode("What is 2 + 3?")}
+    return {"prompt_tokens": prompt, "output_tokens": tokens, "output_logprobs": logprobs,
+            "finish_reasons": finish}
 
-    manager = ServerManager([server_cfg])
-    async with manager.managed_server(tokenizer=vllm.tokenizer) as managed:
+
+async def probe_managed_server(cfg: APIServerConfig) -> dict:
+    """ManagedServer.chat_completion n=2: chat template, input_ids, masked nodes."""
+    manager = ServerManager([cfg])
+    async with manager.managed_server(tokenizer=manager.servers[0].tokenizer) as managed:
         chat = await managed.chat_completion(
             messages=[{"role": "user", "content": "What is 4 + 4?"}], n=2, max_tokens=5,
             temperature=1.0)
         nodes = managed.get_state()["nodes"]
-    out["managed"] = {"choices": len(chat.choices),
-                      "nodes": [n.model_dump(include={"tokens", "masked_tokens", "logprobs"})
-                                for n in nodes]}
+    return {"choices": len(chat.choices),
+            "nodes": [n.model_dump(include={"tokens", "masked_tokens", "logprobs"})
+                      for n in nodes]}
 
+
+async def probe_default_group(cfg: APIServerConfig, api_url: str) -> dict:
+    """A group from BaseEnv's default collect_trajectories (one collect_trajectory per sequence),
+    sent with handle_send_to_api into our batching API after a trainer registered there: what
+    was posted, and whether the API queued it."""
     env_cfg, _ = CompatEnv.config_init()
-    env_cfg = env_cfg.model_copy(update={"rollout_server_url": api_url, "tokenizer_name": tokenizer,
-                                         "default_collect": True, "group_size": 2,
-                                         "max_new_tokens": 4})
-    env = CompatEnv(env_cfg, [server_cfg])
+    env = CompatEnv(env_cfg.model_copy(update={
+        "rollout_server_url": api_url, "tokenizer_name": cfg.tokenizer_name,
+        "default_collect": True, "group_size": 2, "max_new_tokens": 4,
+        "ensure_scores_are_not_same": False}), [cfg])
     await env.setup()
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{api_url}/register", json={
@@ -147,10 +148,16 @@ async def probe(base_url: str, tokenizer: str, api_url: str) -> dict:
         if not queued:  # ask again ourselves, to report why
             async with session.post(f"{api_url}/scored_data", json=group) as resp:
                 answer = {"status": resp.status, "body": (await resp.text())[:2000]}
-    out["default_group"] = {"posted": {k: v for k, v in group.items()
-                                       if k not in ("tokens", "masks")},
-                            "queue_size": queued, "retry_answer": answer}
-    return out
+    return {"posted": {k: v for k, v in group.items() if k not in ("tokens", "masks")},
+            "queue_size": queued, "retry_answer": answer}
+
+
+async def probe(base_url: str, tokenizer: str, api_url: str) -> dict:
+    """atroposlib's clients against our servers; what they got, for the test to check."""
+    cfg = APIServerConfig(server_type="vllm", base_url=base_url, model_name=tokenizer,
+                          tokenizer_name=tokenizer, timeout=300, api_key="x")  # see config_init
+    return {"vllm": await probe_vllm_server(cfg), "managed": await probe_managed_server(cfg),
+            "default_group": await probe_default_group(cfg, api_url)}
 
 
 def main() -> None:

@@ -49,8 +49,9 @@ SHARED_ENV = {"VLLM_ENABLE_SHARED_WEIGHTS": "1"}
 # check is that the bound model matches the same checkpoint loaded the ordinary way.
 PARITY_MAX, PARITY_MEAN = 0.6, 0.1  # H100, vLLM 0.26: 0.46 / 0.08, same for the checkpoint
 # In-place server vs a fresh one on the saved weights, bf16 with CUDA graphs: the same weights
-# through the same kernels (set from the H200 measurement in the README).
-FRESH_GAP_MAX = 0.05
+# through the same kernels: measured 0.0 on the H200 (vLLM 0.26, CUDA graphs) after a step that
+# moved the served logprobs by up to 8.6; the bound leaves room for a non-deterministic kernel.
+FRESH_GAP_MAX = 1e-3
 
 
 def result(name: str, **numbers: float) -> None:
