@@ -153,7 +153,8 @@ def bench_shared_vllm(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]
 
     cfg = make_cfg(args, "shared_vllm", run_dir, free_port())
     t0 = time.perf_counter()
-    proc = start_server(cfg, [], {"VLLM_ENABLE_SHARED_WEIGHTS": "1"})
+    proc = start_server(cfg, [], {"VLLM_ENABLE_SHARED_WEIGHTS": "1",
+                                  "VLLM_SERVER_DEV_MODE": "1"})  # /collective_rpc, for copy
     bridge = SharedVllmBridge(cfg)
     try:
         setup_s = time.perf_counter() - t0
@@ -178,12 +179,25 @@ def bench_shared_vllm(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]
             if CUDA:
                 torch.cuda.synchronize()
             unfenced.append({"optimizer_step_s": time.perf_counter() - t})
+        copy = copy_rows(cfg, args.steps)
     finally:
         bridge.close()
         proc.stop()
     return {"setup_s": setup_s, "attach": bridge.attach_stats, "memory": mem,
+            "fence_path": "inproc" if bridge.fence is not None else "http",
             **stats(rows, ("time/sync", "sync/pause_s", "sync/resume_s", "sync/stall_s")),
-            **stats(unfenced, ("optimizer_step_s",))}
+            **stats(unfenced, ("optimizer_step_s",)), **stats(copy, ("copy_sync_s",))}
+
+
+def copy_rows(cfg: TrainConfig, repeats: int) -> list[dict[str, float]]:
+    """The copy row, on the same server: vLLM's load_weights of a full second copy of the
+    weights (TRL's colocate sync), timed inside the worker."""
+    import requests
+
+    resp = requests.post(f"{cfg.vllm_url}/collective_rpc", timeout=600, json={
+        "method": "copy_weights", "args": [str(repeats)]})
+    resp.raise_for_status()
+    return [{"copy_sync_s": float(x)} for x in resp.json()["results"][0]]
 
 
 def bench_lora_only(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
@@ -233,6 +247,9 @@ def ratios(modes: dict[str, dict[str, Any]]) -> dict[str, float]:
     base = modes.get("shared_vllm")
     if not base or "time/sync" not in base:
         return out
+    if "copy_sync_s" in base:  # one run, one server: the copy a two-copy trainer would make
+        out["copy_sync_over_shared_vllm_sync"] = (base["copy_sync_s"]["median"]
+                                                  / max(base["time/sync"]["median"], 1e-9))
     for name, m in modes.items():
         if name == "shared_vllm" or "time/sync" not in m:
             continue

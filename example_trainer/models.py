@@ -117,11 +117,29 @@ def tiny_llama_path() -> Path:
     return _build("tiny-llama-smollm2-tok", fill)
 
 
-BUILDERS = {"smollm2": smollm2_path, "tiny": tiny_llama_path}
+def llama3_8b_shape_path() -> Path:
+    """Llama-3-8B's architecture with no weights (config + SmolLM2's tokenizer), for memory and
+    sync benchmarks: vLLM serves it with --load-format dummy, the trainer binds a skeleton."""
+
+    def fill(tmp: Path) -> None:
+        from transformers import AutoTokenizer, LlamaConfig
+
+        AutoTokenizer.from_pretrained(smollm2_path()).save_pretrained(tmp)
+        LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                    max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+                    tie_word_embeddings=False, torch_dtype="bfloat16").save_pretrained(tmp)
+
+    return _build("llama3-8b-shape", fill)
+
+
+BUILDERS = {"smollm2": smollm2_path, "tiny": tiny_llama_path,
+            "llama3-8b-shape": llama3_8b_shape_path}
 
 
 def resolve_model(name: str) -> str:
-    """Map the aliases `smollm2` and `tiny` to their local folders; pass anything else through."""
+    """Map the aliases (smollm2, tiny, llama3-8b-shape) to their local folders; pass anything
+    else through."""
     return str(BUILDERS[name]()) if name in BUILDERS else name
 
 

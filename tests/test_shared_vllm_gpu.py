@@ -8,6 +8,7 @@ Each test prints a `RESULT {...}` line with its numbers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -193,13 +194,89 @@ def test_fence_stall_under_generation_load(attached, server):
             t.join()
     ms = {k: 1e3 * statistics.median(m[k] for m in fenced)
           for k in ("sync/pause_s", "sync/resume_s", "sync/stall_s", "time/sync")}
-    result("fence", pause_ms=ms["sync/pause_s"], resume_ms=ms["sync/resume_s"],
+    result("fence", path="inproc", pause_ms=ms["sync/pause_s"], resume_ms=ms["sync/resume_s"],
            stall_ms=ms["sync/stall_s"], sync_ms=ms["time/sync"],
            optimizer_step_ms=1e3 * statistics.median(unfenced), requests=len(codes))
-    assert codes and set(codes) == {200}  # paused requests resumed, none failed
-    assert ms["time/sync"] < 200  # 20 ms of vLLM's own sleep + two local round trips
+    assert codes and set(codes) == {200}  # held requests went on, none failed
+    assert all(m["sync/inproc"] == 1.0 for m in fenced)  # our server: the in-process fence
+    assert ms["time/sync"] < 1.0  # what the trainer waits beyond its step: no HTTP, no sleep
     for p in params:
         p.grad = None
+
+
+# ----------------------------------------------------------------------------- torn-read probe
+TORN_TOL = 0.15  # mean |logprob| gap to a version's reference: batch-to-batch bf16 noise is less
+SLOW_WRITE_CYCLES = 200_000  # ~0.1 ms of GPU sleep after each tensor: a write spread over ~30 ms
+
+
+def _probe_forever(url: str, stop: threading.Event, seen: list[torch.Tensor]) -> None:
+    while not stop.is_set():
+        seen.append(vllm_prompt_logprobs(url, PROMPT_IDS))
+
+
+def _write_version(params: list[torch.Tensor], target: list[torch.Tensor]) -> None:
+    """Tensor by tensor, with GPU time between them, as a large optimizer step writes: a forward
+    pass that overlaps the write would read a mix of the two versions."""
+    with torch.no_grad():
+        for p, t in zip(params, target, strict=True):
+            p.copy_(t)
+            torch.cuda._sleep(SLOW_WRITE_CYCLES)
+
+
+def _probe(url: str, bridge, params, versions, fenced: bool, updates: int) -> dict[str, int]:
+    refs = []
+    for v in versions:  # each version's served reference, without load
+        with bridge.step_fence():
+            _write_version(params, v)
+        torch.cuda.synchronize()
+        refs.append(vllm_prompt_logprobs(url, PROMPT_IDS))
+    stop, seen, codes = threading.Event(), [], []
+    threads = [threading.Thread(target=_probe_forever, args=(url, stop, seen)) for _ in range(3)]
+    threads += [threading.Thread(target=_generate_forever, args=(url, stop, codes))
+                for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(updates):
+            fence = bridge.step_fence() if fenced else contextlib.nullcontext()
+            with fence:
+                _write_version(params, versions[(i + 1) % 2])
+            n, deadline = len(seen), time.monotonic() + 30
+            while len(seen) < n + 2 and time.monotonic() < deadline:  # probes saw this version
+                time.sleep(0.001)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    counts = {"a": 0, "b": 0, "torn": 0}
+    for lp in seen:
+        gaps = [(lp - r).abs().mean().item() for r in refs]
+        counts["torn" if min(gaps) > TORN_TOL else "ab"[gaps.index(min(gaps))]] += 1
+    counts["ref_gap"] = (refs[0] - refs[1]).abs().mean().item()
+    return counts
+
+
+def test_no_forward_pass_reads_a_half_written_step(attached, server):
+    """100 updates between two versions under generation load, CUDA graphs on: every probed
+    forward pass matches exactly one version. The same probe without the fence (--hogwild)
+    must see torn reads, or it proves nothing."""
+    model, bridge = attached
+    url, _ = server
+    params = [p for p in model.parameters()]
+    a = snapshot(model)
+    target = int(hf_logits(model, PROMPT_IDS)[-1].topk(2).indices[1])
+    try:
+        train_until_greedy_is(model, bridge, PROMPT_IDS, target)
+        b = snapshot(model)
+        fenced = _probe(url, bridge, params, [a, b], fenced=True, updates=100)
+        hogwild = _probe(url, bridge, params, [a, b], fenced=False, updates=100)
+    finally:
+        restore(model, a, bridge)
+    result("torn_read", cuda_graphs=not EAGER, **{f"fenced_{k}": v for k, v in fenced.items()},
+           **{f"hogwild_{k}": v for k, v in hogwild.items()})
+    assert fenced["ref_gap"] > 4 * TORN_TOL  # the two versions are far apart
+    assert fenced["a"] > 0 and fenced["b"] > 0 and fenced["torn"] == 0
+    assert hogwild["torn"] > 0
 
 
 def test_stock_vllm_serve_exports_through_the_plugin(tmp_path):

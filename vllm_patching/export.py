@@ -15,12 +15,14 @@ import base64
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from vllm_patching import bridge_config
+from vllm_patching import fence as fence_mod
 from vllm_patching.mapping import build_mapping
 
 log = logging.getLogger(__name__)
@@ -131,20 +133,37 @@ def build_config(model: nn.Module, vllm_config: Any) -> dict[str, Any]:
     }
 
 
-def export(worker: Any, force: bool = False) -> str:
-    """Export once per worker (idempotent: the plugin hook and the RPC may both call it)."""
+def export(worker: Any, force: bool = False, fence: bool = False) -> str:
+    """Export once per worker (idempotent: the plugin hook and the RPC may both call it).
+
+    fence: also create the in-process fence (vllm_patching/fence.py) and name it in the config;
+    our server asks for it, stock `vllm serve` (plugin door only) keeps the HTTP fence."""
     done = getattr(worker, "_grpo_bridge_config_path", None)
-    if done and not force:
-        return done
     if getattr(worker, "rank", 0) != 0:
         # TP > 1: rank 0 writes tp_degree into the config and the trainer refuses it; other
         # ranks must not overwrite rank 0's file with their own shards.
         return ""
+    if done and not force:
+        if fence and not hasattr(worker, "_grpo_fence"):
+            return _add_fence(worker, Path(done))
+        return done
     t0 = time.perf_counter()
-    config = build_config(worker.model_runner.get_model(), worker.vllm_config)
+    model = worker.model_runner.get_model()
+    config = build_config(model, worker.vllm_config)
+    if fence:
+        config["fence"] = fence_mod.install(worker, next(model.parameters()).device)
     path = bridge_config.write_atomic(config, bridge_config.output_path())
     worker._grpo_bridge_config_path = str(path)
     log.info("shared weights: exported %d tensors (%.1f MiB, %s) to %s in %.3f s",
              config["num_params"], config["weight_bytes"] / 2**20, config["transport"], path,
              time.perf_counter() - t0)
+    return str(path)
+
+
+def _add_fence(worker: Any, path: Path) -> str:
+    """The plugin's load_model hook exported first: add the fence to the config it wrote."""
+    config = bridge_config.load(path)
+    device = next(worker.model_runner.get_model().parameters()).device
+    config["fence"] = fence_mod.install(worker, device)
+    bridge_config.write_atomic(config, path)
     return str(path)

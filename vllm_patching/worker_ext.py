@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import logging
 from argparse import Namespace
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from vllm_patching import bridge_config
+from vllm_patching.fence import VersionReader
 from vllm_patching.plugin import install_patches
 
 log = logging.getLogger(__name__)
@@ -30,7 +33,34 @@ class SharedWeightsWorkerExtension:
     def export_shared_weights(self, force: bool = False) -> str:
         from vllm_patching.export import export
 
-        return export(self, force=force)
+        return export(self, force=force, fence=True)
+
+    def copy_weights(self, repeats: str = "10") -> list[float]:
+        """What a two-copy trainer's sync costs on this worker, for benchmarks/sync_latency.py:
+        vLLM's own load_weights of the full HF-named state dict from a second copy on the
+        device (what TRL's colocate path does every step); seconds per load. Called through
+        vLLM's dev-mode /collective_rpc (string arguments)."""
+        import time
+
+        import torch
+
+        config = bridge_config.load(Path(self._grpo_bridge_config_path))
+        model = self.model_runner.get_model()
+        params = dict(model.named_parameters())
+        second_copy = {}
+        for hf_name, entry in config["param_mappings"].items():
+            t, s = params[entry["vllm_name"]].detach(), entry.get("slice")
+            second_copy[hf_name] = (t if s is None else t.narrow(s["dim"], s["start"],
+                                                                 s["end"] - s["start"])).clone()
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        seconds = []
+        for _ in range(int(repeats)):
+            sync()
+            t0 = time.perf_counter()
+            model.load_weights(second_copy.items())
+            sync()
+            seconds.append(time.perf_counter() - t0)
+        return seconds
 
 
 def configure_server_args(args: Namespace) -> None:
@@ -53,3 +83,11 @@ async def export_from_server(engine_client: Any, args: Namespace) -> list[str]:
     paths = [p for p in await engine_client.collective_rpc("export_shared_weights") if p]
     log.info("shared weights exported: %s", paths)
     return paths
+
+
+def version_reader(paths: list[str]) -> Callable[[], int] | None:
+    """The weight version of the in-process fence named in the exported config, if any."""
+    if not paths:
+        return None
+    section = bridge_config.load(Path(paths[0])).get("fence")
+    return VersionReader(section) if section else None

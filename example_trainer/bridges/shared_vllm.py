@@ -3,9 +3,10 @@
 attach() finds the live vllm_bridge_config.json (written by vllm_patching in vLLM's worker),
 rebuilds vLLM's tensors from their CUDA IPC (or CPU shared memory) handles and binds the meta
 skeleton's parameters as views into them. optimizer.step() then writes vLLM's memory directly:
-the sync is free. What is not free is safety: step_fence() pauses generation around the write
-(POST /pause?mode=keep&clear_cache=true, then /resume), so no forward pass reads half-updated
-weights and no prefix-cache block computed with the old weights is reused. --hogwild skips it.
+the sync is free. What is not free is safety: step_fence() keeps forward passes off the weights
+while the optimizer writes them. With our server the fence is in-process (vllm_patching/fence.py:
+named semaphores, CUDA IPC events, microseconds); with stock `vllm serve` it is HTTP (POST
+/pause?mode=keep&clear_cache=true, then /resume). --hogwild skips it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from example_trainer.config import TrainConfig
 from example_trainer.machine import torch_dtype
 from example_trainer.models import resolve_model
 from vllm_patching import bridge_config
+from vllm_patching.fence import TrainerFence
 from vllm_patching.mapping import MappingError
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ class SharedVllmBridge(WeightBridge):
         self.attach_stats: dict[str, float] = {}
         self._fence_metrics: dict[str, float] = {}
         self._warned_hogwild = False
+        self.fence: TrainerFence | None = None  # the in-process fence, when the server has one
 
     def attach(self, model: nn.Module) -> nn.Module:
         t0 = time.perf_counter()
@@ -100,7 +103,12 @@ class SharedVllmBridge(WeightBridge):
                  "in %.2f s; computed buffers %s; this process allocated %+.1f MiB",
                  len(list(model.parameters())), bound / 2**20, config["transport"], device,
                  path, self.attach_stats["attach/seconds"], buffers, (alloc2 - alloc0) / 2**20)
-        self._check_server()
+        if config.get("fence") and not self.cfg.hogwild:
+            self.fence = TrainerFence(config["fence"])
+            log.info("shared_vllm: in-process fence (%s)", "CUDA IPC events" if self.fence.cuda
+                     else "CPU semaphores")
+        else:
+            self._check_server()
         return model
 
     def initial_model(self) -> nn.Module:
@@ -133,6 +141,9 @@ class SharedVllmBridge(WeightBridge):
             self._fence_metrics = {"sync/pause_s": 0.0, "sync/resume_s": 0.0}
             yield
             return
+        if self.fence is not None:
+            yield from self._inproc_fence()
+            return
         # clear_cache: no prefix-cache block computed with the old weights is reused after.
         with self.client.paused(clear_cache=True) as times:
             t0 = time.perf_counter()
@@ -142,7 +153,23 @@ class SharedVllmBridge(WeightBridge):
             t_write = time.perf_counter() - t0
         self._fence_metrics = {"sync/pause_s": times["pause_s"],
                                "sync/resume_s": times["resume_s"],
-                               "sync/stall_s": times["pause_s"] + t_write + times["resume_s"]}
+                               "sync/stall_s": times["pause_s"] + t_write + times["resume_s"],
+                               "sync/inproc": 0.0}
+
+    def _inproc_fence(self) -> Iterator[None]:
+        """The write between two forward passes: no HTTP, no sleep, no host sync on a GPU (the
+        events order it). pause_s: waiting for the forward being launched; resume_s: release.
+        Prefix-cache blocks of the old weights are not reused: our /generate salts the cache
+        with the weight version the fence bumps."""
+        t0 = time.perf_counter()
+        with self.fence.write():
+            t1 = time.perf_counter()
+            yield
+            t2 = time.perf_counter()
+        t3 = time.perf_counter()
+        self._fence_metrics = {"sync/pause_s": t1 - t0, "sync/resume_s": t3 - t2,
+                               "sync/stall_s": t3 - t0, "sync/inproc": 1.0,
+                               "sync/version": float(self.fence.version())}
 
     def after_step(self, step: int) -> dict[str, float]:
         # No copy to make: the step already wrote vLLM's memory. The sync cost is the fence.

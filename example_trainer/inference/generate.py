@@ -99,9 +99,16 @@ async def _generate(req: GenerateRequest, raw_request: Request) -> JSONResponse:
     if state.probe.unresponsive():
         raise HTTPException(503, "vLLM's engine core is dead or not answering: restart the server")
     final = None
+    prompt = req.prompt_for_vllm()
+    version = state.weight_version() if state.weight_version is not None else None
+    if version is not None:
+        # Prefix-cache blocks are keyed by the salt: a request that starts after a fenced
+        # write never reuses blocks computed with the weights before it.
+        prompt = {**prompt, "cache_salt": f"w{version}"} if isinstance(prompt, dict) else {
+            "prompt": prompt, "cache_salt": f"w{version}"}
     try:
         async with state.pause.admit():
-            async for out in engine.generate(req.prompt_for_vllm(), params,
+            async for out in engine.generate(prompt, params,
                                              f"gen-{uuid.uuid4().hex}", lora_request=lora):
                 final = out
     except compat.EngineDeadError as e:
@@ -111,5 +118,8 @@ async def _generate(req: GenerateRequest, raw_request: Request) -> JSONResponse:
             raise  # the server's fault: vLLM's handler answers 500 and logs it
         raise _refused(client_error(e)) from e
     assert final is not None, "vLLM returned no output"
-    return JSONResponse(_format_output(final, params))
+    body = _format_output(final, params)
+    if version is not None:  # the weights this request started on
+        body["weight_version"] = version
+    return JSONResponse(body)
 

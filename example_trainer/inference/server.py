@@ -85,13 +85,14 @@ async def run_server(args: Namespace) -> None:
     signal.signal(signal.SIGTERM, _interrupt_init)
     listen_address, sock = compat.setup_server(args, reuse_port=False)
     async with compat.build_async_engine_client(args) as engine_client:
-        await worker_ext.export_from_server(engine_client, args)  # before /health answers
+        exported = await worker_ext.export_from_server(engine_client, args)  # before /health
         tasks = await engine_client.get_supported_tasks()
         app = compat.build_app(args, tasks, engine_client.model_config)
         await compat.init_app_state(engine_client, app.state, args, tasks)
         app.state.grpo = ServerState(pause=GenerationPause(engine_client),
                                      probe=EngineProbe(engine_client),
-                                     limits=model_limits(engine_client))
+                                     limits=model_limits(engine_client),
+                                     weight_version=worker_ext.version_reader(exported))
         attach_routes(app)
         log.info("serving on %s (vLLM %s)", listen_address, compat.VLLM_VERSION)
         shutdown_task = await compat.serve_http(app, sock, **compat.serve_http_kwargs(args))

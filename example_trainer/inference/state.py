@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -23,6 +24,9 @@ class ServerState:
     active_lora: LoRARequest | None = None
     active_lora_sent_path: str | None = None  # as the client sent it (never resolved here)
     lora_load_count: int = 0
+    # The live weights' version (the trainer's fenced writes), with shared_vllm's in-process
+    # fence; None otherwise.
+    weight_version: Callable[[], int] | None = None
 
 
 def state_of(request: Request) -> ServerState:

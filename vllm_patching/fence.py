@@ -1,0 +1,274 @@
+"""The in-process fence: vLLM's forward passes and the trainer's optimizer writes take turns on
+the one copy of the weights, with no HTTP and no sleep on the path.
+
+Objects, created by the worker at export and named in the bridge config's "fence" section:
+- turnstile T and mutex M: named POSIX semaphores (`sem_open`), value 1, any process opens them
+  by name. An uncontended acquire+release costs ~0.1 us.
+- a 128-byte shared memory block: the weight version (int64, the trainer's step count), the
+  trainer's IPC event generation (int64) and its cudaIpcEventHandle (64 bytes).
+- on CUDA, two interprocess events: E_fwd (the worker's, handle in the config) and E_write
+  (the trainer's, handle in the block).
+
+Worker, around each forward pass (execute_model, through sample_tokens when it defers sampling):
+
+    T.acquire(); T.release()        # blocks while a trainer waits for or holds M
+    M.acquire(); stream.wait_event(E_write)
+    ... launch the forward ...
+    E_fwd.record(); M.release()
+
+Trainer, around optimizer.step():
+
+    T.acquire(); M.acquire(); stream.wait_event(E_fwd)
+    ... launch the write ...
+    E_write.record(); version += 1; M.release(); T.release()
+
+Why no forward pass reads a half-written step: M makes the host-side windows disjoint, so every
+forward is launched either wholly before or wholly after a write's window. A forward launched
+after waits on E_write, recorded after the last write kernel, so the GPU runs it after the whole
+step; a write launched after waits on E_fwd, recorded after the last forward launched before it
+(and, by stream order, after every earlier one), so it cannot overwrite weights a forward still
+reads. On the CPU a forward is synchronous and M alone orders them. The trainer waits at most for
+the one forward being launched; the turnstile keeps a busy engine from starving it.
+"""
+
+from __future__ import annotations
+
+import _multiprocessing
+import contextlib
+import logging
+import os
+import struct
+import threading
+import uuid
+from collections.abc import Iterator
+from multiprocessing import shared_memory, synchronize
+from typing import Any
+
+log = logging.getLogger("vllm.grpo_bridge")
+
+BLOCK_BYTES = 128
+VERSION, EVENT_GEN, EVENT_HANDLE = 0, 8, 16  # offsets in the block
+ACQUIRE_TIMEOUT_S = 60.0
+
+
+def _sem(name: str, create: bool) -> Any:
+    if create:
+        return _multiprocessing.SemLock(synchronize.SEMAPHORE, 1, 1, name, False)
+    return _multiprocessing.SemLock._rebuild(0, synchronize.SEMAPHORE, 1, name)
+
+
+def _open_block(name: str) -> shared_memory.SharedMemory:
+    # track=False: the opener must not unlink the creator's block when it exits (3.13+); on 3.11/
+    # 3.12 the resource tracker would, so it is told to forget the name.
+    try:
+        return shared_memory.SharedMemory(name=name, track=False)  # type: ignore[call-arg]
+    except TypeError:
+        from multiprocessing import resource_tracker
+
+        shm = shared_memory.SharedMemory(name=name)
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+        return shm
+
+
+class FenceTimeout(RuntimeError):
+    pass
+
+
+class _Objects:
+    """The semaphores and block of one fence, created (worker) or opened (trainer, server)."""
+
+    def __init__(self, section: dict[str, Any], create: bool) -> None:
+        self.section = section
+        self.turnstile = _sem(section["turnstile"], create)
+        self.mutex = _sem(section["mutex"], create)
+        if create:
+            self.block = shared_memory.SharedMemory(name=section["block"], create=True,
+                                                    size=BLOCK_BYTES)
+            self.block.buf[:BLOCK_BYTES] = bytes(BLOCK_BYTES)
+        else:
+            self.block = _open_block(section["block"])
+
+    def read(self, offset: int) -> int:
+        return struct.unpack_from("<q", self.block.buf, offset)[0]
+
+    def write(self, offset: int, value: int) -> None:
+        struct.pack_into("<q", self.block.buf, offset, value)
+
+    def version(self) -> int:
+        return self.read(VERSION)
+
+
+class WorkerFence:
+    """Created in vLLM's worker; wraps its execute_model / sample_tokens."""
+
+    def __init__(self, device: Any) -> None:
+        tag = f"grpo-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.section: dict[str, Any] = {"turnstile": f"/{tag}-t", "mutex": f"/{tag}-m",
+                                        "block": f"{tag}-b", "cuda": device.type == "cuda"}
+        self.objects = _Objects(self.section, create=True)
+        self.cuda = self.section["cuda"]
+        self._held = False
+        self._event_gen = 0
+        self._write_event: Any = None
+        if self.cuda:
+            import torch
+
+            self.forward_event = torch.cuda.Event(interprocess=True)
+            self.section["forward_event_b64"] = _b64(self.forward_event.ipc_handle())
+            self.section["device_index"] = device.index or 0
+
+    def unlink(self) -> None:
+        for name in (self.section["turnstile"], self.section["mutex"]):
+            with contextlib.suppress(OSError):
+                _multiprocessing.sem_unlink(name)
+        with contextlib.suppress(OSError):
+            self.objects.block.unlink()
+
+    def enter(self) -> None:
+        o = self.objects
+        if self._held:  # sample_tokens never came for the last execute_model: end that turn
+            self.exit()
+        o.turnstile.acquire()
+        o.turnstile.release()
+        o.mutex.acquire()
+        self._held = True
+        if self.cuda:
+            event = self._trainer_event()
+            if event is not None:
+                import torch
+
+                torch.cuda.current_stream().wait_event(event)
+
+    def exit(self) -> None:
+        if not self._held:
+            return
+        if self.cuda:
+            self.forward_event.record()
+        self._held = False
+        self.objects.mutex.release()
+
+    def _trainer_event(self) -> Any:
+        gen = self.objects.read(EVENT_GEN)
+        if gen != self._event_gen:  # the trainer published (another) event: open it
+            import torch
+
+            handle = bytes(self.objects.block.buf[EVENT_HANDLE:EVENT_HANDLE + 64])
+            self._write_event = torch.cuda.Event.from_ipc_handle(
+                torch.cuda.current_device(), handle)
+            self._event_gen = gen
+        return self._write_event
+
+    def wrap(self, worker: Any) -> None:
+        """Fence the worker's forward passes: instance attributes shadow the class's methods, so
+        vLLM's executor (which looks them up on the worker) calls these."""
+        execute, sample = worker.execute_model, getattr(worker, "sample_tokens", None)
+
+        def fenced_execute(*args: Any, **kwargs: Any) -> Any:
+            self.enter()
+            try:
+                out = execute(*args, **kwargs)
+            except BaseException:
+                self.exit()
+                raise
+            if out is not None:  # None: sample_tokens follows and reads the weights too
+                self.exit()
+            return out
+
+        def fenced_sample(*args: Any, **kwargs: Any) -> Any:
+            if not self._held:
+                self.enter()
+            try:
+                return sample(*args, **kwargs)
+            finally:
+                self.exit()
+
+        worker.execute_model = fenced_execute
+        if sample is not None:
+            worker.sample_tokens = fenced_sample
+
+
+class TrainerFence:
+    """Opened by the trainer from the bridge config's "fence" section."""
+
+    def __init__(self, section: dict[str, Any], timeout_s: float = ACQUIRE_TIMEOUT_S) -> None:
+        self.objects = _Objects(section, create=False)
+        self.timeout_s = timeout_s
+        self.cuda = bool(section.get("cuda"))
+        self._lock = threading.Lock()  # one writer at a time within this process
+        if self.cuda:
+            import torch
+
+            self.forward_event = torch.cuda.Event.from_ipc_handle(
+                section["device_index"], _unb64(section["forward_event_b64"]))
+            self.write_event = torch.cuda.Event(interprocess=True)
+            handle = self.write_event.ipc_handle()
+            self.objects.block.buf[EVENT_HANDLE:EVENT_HANDLE + len(handle)] = handle
+            self.objects.write(EVENT_GEN, self.objects.read(EVENT_GEN) + 1)
+
+    def _acquire(self, sem: Any, what: str) -> None:
+        if not sem.acquire(True, self.timeout_s):
+            raise FenceTimeout(
+                f"vLLM's worker held the weights' {what} for {self.timeout_s:.0f} s: is the "
+                "server alive and not stuck? (restart it; the HTTP fence is used when the "
+                "bridge config has no fence section)")
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        """The block may write the weights: no forward pass runs or is launched meanwhile."""
+        o = self.objects
+        with self._lock:
+            self._acquire(o.turnstile, "turnstile")
+            try:
+                self._acquire(o.mutex, "mutex")
+                try:
+                    if self.cuda:
+                        import torch
+
+                        torch.cuda.current_stream().wait_event(self.forward_event)
+                    yield
+                    if self.cuda:
+                        self.write_event.record()
+                    o.write(VERSION, o.version() + 1)
+                finally:
+                    o.mutex.release()
+            finally:
+                o.turnstile.release()
+
+    def version(self) -> int:
+        return self.objects.version()
+
+
+class VersionReader:
+    """The weight version, for the server's /generate (salts the prefix cache, reports it)."""
+
+    def __init__(self, section: dict[str, Any]) -> None:
+        self.block = _open_block(section["block"])
+
+    def __call__(self) -> int:
+        return struct.unpack_from("<q", self.block.buf, VERSION)[0]
+
+
+def _b64(raw: bytes) -> str:
+    import base64
+
+    return base64.b64encode(raw).decode()
+
+
+def _unb64(text: str) -> bytes:
+    import base64
+
+    return base64.b64decode(text)
+
+
+def install(worker: Any, device: Any) -> dict[str, Any]:
+    """Create the fence in the worker, wrap its forward passes; return the config section."""
+    fence = WorkerFence(device)
+    fence.wrap(worker)
+    worker._grpo_fence = fence
+    import atexit
+
+    atexit.register(fence.unlink)
+    log.info("grpo_bridge: in-process fence %s (%s)", fence.section["mutex"],
+             "CUDA IPC events" if fence.cuda else "CPU")
+    return fence.section
+
