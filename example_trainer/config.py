@@ -51,8 +51,13 @@ class TrainConfig:
     optimizer: str = opt("adamw", "adamw: torch AdamW in the weights' dtype (bf16 drops steps "
                          "below half an ulp); adamw_fp32_master: AdamW on fp32 master copies, "
                          "weights = their rounding; adamw_kahan: torch-optimi AdamW with Kahan "
-                         "summation (bf16 state + compensation)",
-                         choices=("adamw", "adamw_fp32_master", "adamw_kahan"))
+                         "summation (bf16 state + compensation); apollo_mini / apollo: APOLLO "
+                         "(arXiv 2412.05270), rank-1 / rank-r projected moments, ~no state "
+                         "beyond a bf16 Kahan buffer (example_trainer/apollo.py)",
+                         choices=("adamw", "adamw_fp32_master", "adamw_kahan", "apollo_mini",
+                                  "apollo"))
+    apollo_rank: int = opt(256, "--optimizer apollo: rank of the random projection")
+    apollo_update_gap: int = opt(200, "APOLLO: steps between new random projections")
     seed: int = opt(0, "random seed (torch, python)")
     # --- GRPO loss ---
     clip_eps_low: float = opt(0.2, "PPO clip: ratio >= 1 - eps_low")

@@ -99,10 +99,26 @@ def _adamw_kahan(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Op
                         weight_decay=cfg.weight_decay, kahan_sum=True)
 
 
+def _apollo_mini(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    from example_trainer.apollo import Apollo
+
+    return Apollo(params, lr=cfg.lr, rank=1, update_gap=cfg.apollo_update_gap,
+                  weight_decay=cfg.weight_decay, seed=cfg.seed)
+
+
+def _apollo(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    from example_trainer.apollo import Apollo
+
+    return Apollo(params, lr=cfg.lr, rank=cfg.apollo_rank, update_gap=cfg.apollo_update_gap,
+                  weight_decay=cfg.weight_decay, seed=cfg.seed)
+
+
 OPTIMIZERS: dict[str, Callable[[TrainConfig, list[nn.Parameter]], torch.optim.Optimizer]] = {
     "adamw": _adamw,
     "adamw_fp32_master": _adamw_fp32_master,
     "adamw_kahan": _adamw_kahan,
+    "apollo_mini": _apollo_mini,
+    "apollo": _apollo,
 }
 
 
