@@ -40,9 +40,11 @@ def build_scored_group(prompt_ids: list[int], completions: list[Completion], sco
     """One ScoredData group (the wire schema's), as the JSON object POST /scored_data takes;
     inference_logprobs omitted if any completion lacks them."""
     logprobs = [c.logprobs for c in completions]
+    versions = [c.weight_version for c in completions]
     group = ScoredData.from_completions(
         prompt_ids, [c.token_ids for c in completions],
-        logprobs if all(lp is not None for lp in logprobs) else None, scores, messages)
+        logprobs if all(lp is not None for lp in logprobs) else None, scores, messages,
+        versions if all(v is not None for v in versions) else None)
     return group.model_dump(exclude_none=True)
 
 

@@ -49,6 +49,7 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float] | None  # one per token of token_ids, the sampled token's logprob
     finish_reason: str | None = None
+    weight_version: int | None = None  # the trainer step whose weights served it, if known
 
 
 def server_root(base_url: str) -> str:
@@ -97,10 +98,12 @@ def parse_generate_response(body: dict[str, Any]) -> list[Completion]:
     if body.get("logprobs") is None:
         raise ValueError("/generate answered without logprobs; request them (logprobs=0)")
     reasons = body.get("finish_reasons") or [None] * len(body["logprobs"])
+    version = body.get("weight_version")
     out = []
     for positions, reason in zip(body["logprobs"], reasons, strict=True):
         pairs = [_first_entry(p) for p in positions]
-        out.append(Completion([t for t, _ in pairs], [lp for _, lp in pairs], reason))
+        out.append(Completion([t for t, _ in pairs], [lp for _, lp in pairs], reason,
+                              version if isinstance(version, int) else None))
     return out
 
 

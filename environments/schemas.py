@@ -27,6 +27,8 @@ IGNORE = -100  # mask value where no loss is taken (the prompt), as in Atropos
 # Placeholder on prompt positions of inference_logprobs, as atroposlib's ManagedServer writes it
 # (never a valid logprob, and masked out by `masks` anyway).
 PROMPT_LOGPROB = 1.0
+# overrides[i][WEIGHT_VERSION]: the trainer step whose weights generated sequence i.
+WEIGHT_VERSION = "weight_version"
 MAX_TOKEN_ID = 2**31 - 1
 MAX_VOCAB_SIZE = 1 << 24  # the largest real vocabularies are ~2**18
 MAX_GROUP_SEQUENCES = 4096  # sequences in one group
@@ -227,7 +229,8 @@ class ScoredData(BaseModel):
     @classmethod
     def from_completions(cls, prompt_ids: list[int], completions: list[list[int]],
                          logprobs: list[list[float]] | None, scores: list[float],
-                         messages: list[list[dict]] | None = None) -> ScoredData:
+                         messages: list[list[dict]] | None = None,
+                         weight_versions: list[int] | None = None) -> ScoredData:
         """The group of one prompt and its completions: tokens = prompt + completion, masks
         IGNORE on the prompt, inference_logprobs one per token (PROMPT_LOGPROB on the prompt,
         as atroposlib's ManagedServer `_create_sequence_node` writes them) when given."""
@@ -239,6 +242,9 @@ class ScoredData(BaseModel):
             inference_logprobs=None if logprobs is None else [
                 [PROMPT_LOGPROB] * n + lp for lp in logprobs],
             messages=messages,
+            # Per sequence, in the field atroposlib's run-api passes through untouched.
+            overrides=None if weight_versions is None else [
+                {WEIGHT_VERSION: v} for v in weight_versions],
         )
 
     def max_token_id(self) -> int:

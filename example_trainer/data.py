@@ -15,7 +15,7 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor
 
-from environments.schemas import IGNORE, ScoredData
+from environments.schemas import IGNORE, WEIGHT_VERSION, ScoredData
 from example_trainer.loss import group_advantages
 
 
@@ -26,6 +26,7 @@ class Rollout:
     inference_logprobs: list[float] | None  # (L,) aligned with tokens, or None
     score: float
     advantage: float = 0.0
+    weight_version: int | None = None  # the trainer step whose weights generated it
 
 
 @dataclass
@@ -80,11 +81,13 @@ def rollouts_from_groups(groups: list[ScoredData], scale_advantages: bool) -> li
     for i, g in enumerate(groups):
         lps = g.inference_logprobs
         for j, (tokens, masks) in enumerate(zip(g.tokens, g.masks, strict=True)):
+            version = (g.overrides[j] if g.overrides else {}).get(WEIGHT_VERSION)
             rollouts.append(Rollout(
                 tokens=tokens,
                 trained=[m != IGNORE for m in masks],
                 inference_logprobs=lps[j] if lps is not None else None,
                 score=g.scores[j],
+                weight_version=version if type(version) is int else None,
             ))
             group_ids.append(i)
     scores = torch.tensor([r.score for r in rollouts], dtype=torch.float32)
@@ -135,3 +138,13 @@ def collate(rollouts: list[Rollout], pad_id: int) -> MicroBatch:
         advantages=torch.tensor([r.advantage for r in rollouts], dtype=torch.float32),
         scores=torch.tensor([r.score for r in rollouts], dtype=torch.float32),
     )
+
+
+def staleness(rollouts: list[Rollout], step: int) -> dict[str, float]:
+    """How many optimizer steps behind the weights that train step `step` (those of step - 1)
+    each sequence was generated: mean and max over the sequences that carry a version."""
+    lags = [step - 1 - r.weight_version for r in rollouts if r.weight_version is not None]
+    if not lags:
+        return {}
+    return {"data/staleness_mean": sum(lags) / len(lags), "data/staleness_max": float(max(lags)),
+            "data/versioned_fraction": len(lags) / len(rollouts)}

@@ -27,6 +27,7 @@ from example_trainer.data import (
     collate,
     pack,
     rollouts_from_groups,
+    staleness,
     usable_groups,
 )
 from example_trainer.loss import LossInputs, StepTotals, make_loss_fn, token_entropy, token_logprobs
@@ -175,6 +176,7 @@ def train(cfg: TrainConfig, bridge: WeightBridge | None = None) -> list[dict[str
         vocab_size = getattr(model.config, "vocab_size", None)
         client.register(cfg, starting_step=start, vocab_size=vocab_size)
         metrics = MetricsLogger(cfg, run_dir, first_step=start)
+        bridge.client.notify_update(start)  # generation reports which weights served it
 
         skipped = 0  # steps whose loss or gradient was not finite (nothing written)
         for step in range(start + 1, cfg.training_steps + 1):
@@ -195,6 +197,7 @@ def train(cfg: TrainConfig, bridge: WeightBridge | None = None) -> list[dict[str
                 skipped += t_fence is None
                 t_fwd_bwd = time.monotonic() - t0
                 sync_metrics = bridge.after_step(step)
+            bridge.client.notify_update(step)
 
             scores = torch.tensor([r.score for r in rollouts])
             n_tokens = sum(len(r.tokens) for r in rollouts)
@@ -214,6 +217,7 @@ def train(cfg: TrainConfig, bridge: WeightBridge | None = None) -> list[dict[str
                 "time/optim_step": t_fence or 0.0,
                 "optim/skipped_steps": skipped,
                 "data/dropped_groups": dropped,
+                **staleness(rollouts, step),
                 **sync_metrics,
             }
             row["time/step"] = time.monotonic() - t_step

@@ -35,6 +35,12 @@ def test_lora_only_end_to_end(smollm2_model, smollm2_server, api_server, tmp_pat
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert max(r["optim/grad_norm"] for r in rows) > 0  # some group had a reward spread
     assert all(r["sync/load_s"] > 0 and r["time/sync"] >= r["sync/load_s"] for r in rows)
+    # Every sequence carries the step whose adapter generated it (the env admits itself after
+    # the trainer's first /batch, which follows its notify of step 0).
+    assert all(r["data/versioned_fraction"] == 1.0 for r in rows)
+    assert all(0 <= r["data/staleness_mean"] <= r["data/staleness_max"] <= 2 for r in rows)
+    info = requests.get(f"{vllm_server}/bridge/info", timeout=10).json()
+    assert info["weight_version"] == 3
     status = requests.get(f"{vllm_server}/lora/status", timeout=10).json()
     assert "step_3" in str(status)
     after = first_token_logprobs(vllm_server)  # served through the active adapter
@@ -60,6 +66,9 @@ def test_none_bridge_restarts_vllm_on_the_checkpoint(smollm2_model, api_server, 
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[1]["sync/restarts"] == 1 and rows[1]["sync/restart_s"] > 0
     assert rows[0]["time/sync"] == 0 and rows[2]["time/sync"] == 0
+    # Versions through a restart: the new server learns the step from the trainer's notify.
+    assert rows[0]["data/versioned_fraction"] == 1.0 and rows[0]["data/staleness_max"] == 0
+    assert all(r["data/staleness_max"] >= 0 for r in rows if "data/staleness_max" in r)
     run = tmp_path / "run"
     # the second server was started on the step-2 checkpoint and answered /health (restart_s)
     assert "serving/step_2" in (run / "logs" / "vllm_1.log").read_text()

@@ -93,3 +93,17 @@ def test_pack_by_count_and_by_token_budget():
     assert all(len(m) * max(len(r.tokens) for r in m) <= 16 for m in micro)
     assert sorted(id(r) for m in micro for r in m) == sorted(id(r) for r in rs)
     assert torch.is_tensor(collate(micro[0], 0).advantages)
+
+
+def test_staleness_from_the_versions_environments_put_in_overrides():
+    from example_trainer.data import staleness
+
+    g1, g2 = group([4, 4]), group([5, 5])
+    g1["overrides"] = [{"weight_version": 3}, {"weight_version": 3}]
+    g2["overrides"] = [{"weight_version": 1}, {"other": "x"}]  # one sequence without a version
+    rs = rollouts_from_batch([g1, g2], max_len=64, scale_advantages=False)
+    assert [r.weight_version for r in rs] == [3, 3, 1, None]
+    # Step 5 trains the weights of step 4: lags 1, 1, 3.
+    assert staleness(rs, step=5) == {"data/staleness_mean": 5 / 3, "data/staleness_max": 3.0,
+                                     "data/versioned_fraction": 0.75}
+    assert staleness(rollouts_from_batch([group([4, 4])], 64, False), step=5) == {}

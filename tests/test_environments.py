@@ -556,3 +556,16 @@ def test_env_registers_again_after_the_api_is_killed_and_restarted(tiny_model, t
     assert [g["tokens"] for g in batch] == [small_group(6)["tokens"]]
     assert batch[0]["env_id"] == env.env_id != first_id
     assert status["current_step"] == 1 and status["queue_size"] == 0
+
+
+def test_generate_weight_version_reaches_the_group_overrides():
+    from environments.inference_client import parse_generate_response
+
+    body = {"logprobs": [[[{"5": -0.5}], [{"6": -0.25}]], [[{"7": -1.0}]]],
+            "finish_reasons": ["stop", "length"], "weight_version": 4}
+    completions = parse_generate_response(body)
+    assert [c.weight_version for c in completions] == [4, 4]
+    group = build_scored_group([1, 2], completions, [1.0, 0.0])
+    assert group["overrides"] == [{"weight_version": 4}, {"weight_version": 4}]
+    body.pop("weight_version")  # a server that does not know: no overrides at all
+    assert "overrides" not in build_scored_group([1, 2], parse_generate_response(body), [1.0, 0.0])

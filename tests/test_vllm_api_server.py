@@ -515,6 +515,17 @@ def test_sigkill_of_the_server_takes_vllm_children_along(tiny_model, tmp_path: P
 
 
 @pytest.mark.integration
+def test_notify_update_versions_what_generate_serves(vllm_server: str) -> None:
+    r = post(vllm_server, "/bridge/notify_update", {"update_count": 7, "trainer_rank": 0,
+                                                      "timestamp": time.time()})
+    assert r.status_code == 200 and r.json()["weight_version"] == 7
+    assert generate(vllm_server, max_tokens=2)["weight_version"] == 7
+    assert requests.get(f"{vllm_server}/bridge/info", timeout=10).json()["weight_version"] == 7
+    for bad in ({"update_count": -1}, {"update_count": 1.5}, {}, {"update_count": 1, "x": 1}):
+        assert post(vllm_server, "/bridge/notify_update", bad).status_code == 422, bad
+
+
+@pytest.mark.integration
 def test_bridge_info_follows_search_order(vllm_server: str) -> None:
     info = requests.get(f"{vllm_server}/bridge/info", timeout=10).json()
     assert set(info) >= {"bridge_config_path", "exists", "searched", "paused", "lora"}

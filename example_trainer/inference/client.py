@@ -39,6 +39,7 @@ class VllmClient:
         self._pauses = 0
         self._renewer: threading.Thread | None = None
         self._renew_stop = threading.Event()
+        self._notify = True  # until a server says it has no /bridge/notify_update
 
     # ---- transport ------------------------------------------------------------------------
     def request(self, method: str, route: str, timeout: float = 120.0, **kw: Any
@@ -129,6 +130,21 @@ class VllmClient:
 
         self._renewer = threading.Thread(target=renew, name="pause-lease", daemon=True)
         self._renewer.start()
+
+    def notify_update(self, step: int) -> None:
+        """Tell the server which step's weights it serves (its /generate reports it). A server
+        without the route (stock `vllm serve`) is told once that versions stay unknown."""
+        if not self._notify:
+            return
+        resp = self.request("POST", "/bridge/notify_update", json={
+            "update_count": step, "trainer_rank": 0, "timestamp": time.time()})
+        if resp.status_code == 404:
+            log.warning("%s has no /bridge/notify_update (not our server): generated sequences "
+                        "carry no weight version, staleness is not measured", self.url)
+            self._notify = False
+        elif resp.status_code != 200:
+            raise InferenceServerError(f"POST {self.url}/bridge/notify_update answered "
+                                       f"{resp.status_code}: {resp.text[:300]}")
 
     # ---- LoRA ---------------------------------------------------------------------------------
     def load_lora(self, adapter_path: str, adapter_name: str) -> None:

@@ -84,6 +84,15 @@ def adapter_dir(sent: str, max_lora_rank: int) -> Path:
     return path
 
 
+class NotifyUpdate(BaseModel):
+    """POST /bridge/notify_update, the reference bridge module's body."""
+
+    model_config = STRICT
+    update_count: int = Field(ge=0, le=2**62)
+    trainer_rank: int = Field(0, ge=0, le=1 << 20)
+    timestamp: float | None = Field(None, allow_inf_nan=False)
+
+
 class PauseQuery(BaseModel):
     """POST /pause?mode=...&clear_cache=...&lease_s=... (query strings: lax parsing)."""
 

@@ -100,7 +100,7 @@ async def _generate(req: GenerateRequest, raw_request: Request) -> JSONResponse:
         raise HTTPException(503, "vLLM's engine core is dead or not answering: restart the server")
     final = None
     prompt = req.prompt_for_vllm()
-    version = state.weight_version() if state.weight_version is not None else None
+    version = state.fence_version() if state.fence_version is not None else None
     if version is not None:
         # Prefix-cache blocks are keyed by the salt: a request that starts after a fenced
         # write never reuses blocks computed with the weights before it.
@@ -119,7 +119,7 @@ async def _generate(req: GenerateRequest, raw_request: Request) -> JSONResponse:
         raise _refused(client_error(e)) from e
     assert final is not None, "vLLM returned no output"
     body = _format_output(final, params)
-    if version is not None:  # the weights this request started on
-        body["weight_version"] = version
+    if state.weight_version is not None:  # the trainer step whose weights served it
+        body["weight_version"] = state.weight_version
     return JSONResponse(body)
 

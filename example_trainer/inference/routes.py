@@ -146,5 +146,13 @@ async def bridge_info(request: Request) -> JSONResponse:
         "vllm_version": compat.VLLM_VERSION,
         "paused": await state_of(request).pause.is_paused(),
         "lora": _lora_status(request),
+        "weight_version": state_of(request).weight_version,
     })
+
+
+async def notify_update(request: Request) -> JSONResponse:
+    """The trainer's word on which step's weights are served now (after each sync)."""
+    req = door.parse(door.NotifyUpdate, await request.body(), "/bridge/notify_update")
+    state_of(request).weight_version = req.update_count
+    return JSONResponse({"status": "ok", "weight_version": req.update_count})
 

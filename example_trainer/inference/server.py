@@ -15,6 +15,8 @@ Our routes (vLLM's /v1/* and friends stay as they are):
   POST /pause?mode=wait|abort|keep&clear_cache=true|false&lease_s=120, POST /resume,
   GET  /is_paused     a pause not renewed (POST /pause again) within lease_s ends by itself
   GET  /bridge/info   where vllm_bridge_config.json is (written by vllm_patching in the worker)
+  POST /bridge/notify_update {update_count, trainer_rank?, timestamp?}: the served weights'
+                      version (the trainer's step), returned by /generate as weight_version
   GET  /health        200 only while the engine core answers (vLLM's checks only that it lives)
 
 Every body and query is validated at the door (requests.py, door.py): 422 names
@@ -62,7 +64,7 @@ def attach_routes(app: FastAPI) -> None:
         ("POST", "/lora/unload", routes.lora_unload), ("GET", "/lora/status", routes.lora_status),
         ("POST", "/pause", routes.pause), ("POST", "/resume", routes.resume),
         ("GET", "/is_paused", routes.is_paused), ("GET", "/bridge/info", routes.bridge_info),
-        ("GET", "/health", routes.health),
+        ("GET", "/health", routes.health), ("POST", "/bridge/notify_update", routes.notify_update),
     ):
         router.add_api_route(path, handler, methods=[method])
     app.include_router(router)
@@ -92,7 +94,7 @@ async def run_server(args: Namespace) -> None:
         app.state.grpo = ServerState(pause=GenerationPause(engine_client),
                                      probe=EngineProbe(engine_client),
                                      limits=model_limits(engine_client),
-                                     weight_version=worker_ext.version_reader(exported))
+                                     fence_version=worker_ext.version_reader(exported))
         attach_routes(app)
         log.info("serving on %s (vLLM %s)", listen_address, compat.VLLM_VERSION)
         shutdown_task = await compat.serve_http(app, sock, **compat.serve_http_kwargs(args))

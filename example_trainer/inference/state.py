@@ -24,9 +24,11 @@ class ServerState:
     active_lora: LoRARequest | None = None
     active_lora_sent_path: str | None = None  # as the client sent it (never resolved here)
     lora_load_count: int = 0
-    # The live weights' version (the trainer's fenced writes), with shared_vllm's in-process
-    # fence; None otherwise.
-    weight_version: Callable[[], int] | None = None
+    # Bumped by each of shared_vllm's in-process fenced writes (salts the prefix cache); None
+    # without that fence.
+    fence_version: Callable[[], int] | None = None
+    # The trainer step whose weights are served, as POST /bridge/notify_update last said.
+    weight_version: int | None = None
 
 
 def state_of(request: Request) -> ServerState:
