@@ -109,7 +109,11 @@ class ManagedProcess:
         if first is not None and first < len(lines) - n_lines:
             head = (f"first error, line {first + 1} of {self.log_path}:\n"
                     + "\n".join(lines[first:first + n_lines]) + "\n...\n")
-        return f"{head}last lines of {self.log_path}:\n" + "\n".join(tail)
+        hint = ""
+        if any("exit code: -9" in line for line in lines) or self.popen.returncode == -9:
+            hint = ("a process was SIGKILLed: on a machine short of memory that is the kernel's "
+                    "OOM killer (see `dmesg`); run less beside it\n")
+        return f"{hint}{head}last lines of {self.log_path}:\n" + "\n".join(tail)
 
     def wait_healthy(self, url: str, timeout_s: float, poll_s: float = 0.5) -> float:
         """Poll `url` until it answers 200; return the seconds it took.
