@@ -176,7 +176,7 @@ def train(cfg: TrainConfig, bridge: WeightBridge | None = None) -> list[dict[str
         vocab_size = getattr(model.config, "vocab_size", None)
         client.register(cfg, starting_step=start, vocab_size=vocab_size)
         metrics = MetricsLogger(cfg, run_dir, first_step=start)
-        bridge.client.notify_update(start)  # generation reports which weights served it
+        bridge.publish_version(start)  # generation reports which weights served it
 
         skipped = 0  # steps whose loss or gradient was not finite (nothing written)
         for step in range(start + 1, cfg.training_steps + 1):
@@ -197,7 +197,7 @@ def train(cfg: TrainConfig, bridge: WeightBridge | None = None) -> list[dict[str
                 skipped += t_fence is None
                 t_fwd_bwd = time.monotonic() - t0
                 sync_metrics = bridge.after_step(step)
-            bridge.client.notify_update(step)
+            bridge.publish_version(step)
 
             scores = torch.tensor([r.score for r in rollouts])
             n_tokens = sum(len(r.tokens) for r in rollouts)

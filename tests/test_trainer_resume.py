@@ -29,6 +29,9 @@ class NoSyncBridge(WeightBridge):
     def after_step(self, step: int) -> dict[str, float]:
         return {"time/sync": 0.0}
 
+    def publish_version(self, step: int) -> None:
+        pass
+
 
 def make_groups(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)

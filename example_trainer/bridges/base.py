@@ -20,7 +20,8 @@ class WeightBridge(ABC):
     build_model() -> the model to train, as this bridge needs it (loaded weights, LoRA-wrapped,
     or bound to vLLM's own memory), with its KL reference when --kl-coef asks for one;
     after_step(step) brings the update to inference and returns its metrics (at least
-    `time/sync`); close() releases what the bridge started.
+    `time/sync`); publish_version(step) names the served weights; close() releases what the
+    bridge started.
     """
 
     def __init__(self, cfg: TrainConfig) -> None:
@@ -72,6 +73,11 @@ class WeightBridge(ABC):
         if not self.cfg.pause_generation_during_step:
             return contextlib.nullcontext()
         return self.client.paused()
+
+    def publish_version(self, step: int) -> None:
+        """Tell the server which trainer step its weights now hold (after attach and after
+        every sync), so each generated sequence carries the version that produced it."""
+        self.client.notify_update(step)
 
     def step_fence(self) -> contextlib.AbstractContextManager:
         """Context around optimizer.step(): a bridge whose weights vLLM reads while the
