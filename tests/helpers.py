@@ -4,6 +4,7 @@ Test modules import from here, never from each other."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -159,6 +160,16 @@ def wait_until_stale(identity: dict, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while bridge_config.staleness(identity) is None and time.monotonic() < deadline:
         time.sleep(0.2)
+
+
+def shared_memory_left(config_path: str | Path) -> list[str]:
+    """The /dev/shm names a bridge config lists (weights, fence) that still exist."""
+    config = json.loads(Path(config_path).read_text())
+    names = [h["shm_path"] for h in config["ipc_handles"].values() if "shm_path" in h]
+    fence = config.get("fence") or {}
+    names += [f"/dev/shm/sem.{fence[k].lstrip('/')}" for k in ("turnstile", "mutex") if k in fence]
+    names += [f"/dev/shm/{fence['block']}"] if "block" in fence else []
+    return [n for n in names if os.path.exists(n)]
 
 
 def start_env(tmp_path, api: str, vllm: str, tokenizer, group_size: int = 8) -> ManagedProcess:

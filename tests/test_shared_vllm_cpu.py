@@ -21,6 +21,7 @@ from tests.helpers import (
     hf_logits,
     parity,
     restore,
+    shared_memory_left,
     snapshot,
     start_env,
     start_vllm_server,
@@ -42,8 +43,11 @@ def shared_server(smollm2_model, tmp_path_factory) -> Iterator[tuple[str, str]]:
     logdir = tmp_path_factory.mktemp("shared_cpu")
     proc, url = start_vllm_server(smollm2_model, logdir / "vllm.log", [],
                                   env={**SHARED_ENV, "LOGDIR": str(logdir)})
-    yield url, str(logdir / bridge_config.CONFIG_NAME)
+    config = logdir / bridge_config.CONFIG_NAME
+    yield url, str(config)
     proc.stop()
+    # vLLM SIGKILLs torch_shm_manager at shutdown; our plugin unlinks the weights and the fence
+    assert shared_memory_left(config) == []
 
 
 def test_parity_and_visibility_on_cpu(smollm2_model, shared_server, tmp_path):
@@ -84,6 +88,7 @@ def test_parity_and_visibility_on_cpu(smollm2_model, shared_server, tmp_path):
             reference = vllm_prompt_logprobs(fresh_url, PROMPT_IDS)
         finally:
             fresh.stop()
+        assert shared_memory_left(tmp_path / "fresh" / bridge_config.CONFIG_NAME) == []
         gap = (served_after - reference).abs().max().item()
         print(f"cpu visibility ({DTYPE}): greedy token {before} -> {target} after {steps} "
               f"fenced steps; served logprobs moved max {moved:.3f}; in-place vs fresh server "
@@ -136,4 +141,5 @@ def test_stock_vllm_serve_exports_through_the_plugin(tiny_model, tmp_path):
     wait_until_stale(config["process"])
     with pytest.raises(bridge_config.StaleBridgeConfig, match="is gone"):
         bridge_config.find_live(logdir=str(tmp_path))
+    assert shared_memory_left(path) == []  # the plugin freed them in stock vLLM's API process
 

@@ -6,6 +6,7 @@ import this module. DESIGN.md's search order is: an explicit path, $LOGDIR, ./, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -95,7 +96,10 @@ def _start_ticks(pid: int) -> int | None:
     except OSError:
         return None
     # The command name (field 2) may hold spaces and parentheses: split after the last ")".
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):  # a zombie is dead, only not yet reaped
+        return None
+    return int(fields[19])
 
 
 def process_identity() -> dict[str, Any]:
@@ -134,6 +138,45 @@ def load(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path} has format_version {config['format_version']}, this trainer "
                          f"reads {FORMAT_VERSION}: run the trainer and vLLM from the same checkout")
     return config
+
+
+def release(path: Path, wait_s: float = 10.0) -> int:
+    """Unlink the shared memory that a dead writer's config names; returns the bytes freed.
+
+    NOTE: vLLM's shutdown SIGKILLs its whole process tree, torch_shm_manager included, so the
+    CPU weights' /dev/shm files (and the fence's semaphores) outlive the server unless someone
+    unlinks them: RAM that every later process on the machine goes without. Mappings that are
+    still open (a trainer) stay valid; only the names go. A writer still alive after `wait_s` is
+    left alone.
+    """
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return 0
+    deadline = time.monotonic() + wait_s  # the writer's SIGKILL may still be on its way
+    while staleness(config.get("process", {})) is None:
+        if time.monotonic() > deadline:
+            return 0
+        time.sleep(0.1)
+    freed = 0
+    for handle in config.get("ipc_handles", {}).values():
+        shm = handle.get("shm_path") if isinstance(handle, dict) else None
+        if isinstance(shm, str) and shm.startswith("/dev/shm/"):
+            try:
+                size = os.stat(shm).st_size
+                os.unlink(shm)
+                freed += size
+            except OSError:
+                pass
+    fence = config.get("fence") or {}
+    for key in ("turnstile", "mutex"):
+        if isinstance(fence.get(key), str):
+            with contextlib.suppress(OSError):
+                os.unlink("/dev/shm/sem." + fence[key].lstrip("/"))
+    if isinstance(fence.get("block"), str):
+        with contextlib.suppress(OSError):
+            os.unlink("/dev/shm/" + fence["block"].lstrip("/"))
+    return freed
 
 
 def find_live(explicit: str | None = None, logdir: str | None = None

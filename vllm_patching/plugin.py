@@ -20,6 +20,7 @@ fails with the fix if it did not.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import importlib.abc
@@ -30,6 +31,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -230,8 +232,35 @@ def enable_in_vllm_processes() -> None:
         log.info("VLLM_PLUGINS=%r: added %s", allowed, PLUGIN_NAME)
 
 
+_release_registered = False
+
+
+def release_shared_memory_at_exit() -> None:
+    """In the API server (the process that outlives vLLM's SIGKILLed tree): when it exits, free
+    the shared weights its worker exported (bridge_config.release)."""
+    global _release_registered
+    if _release_registered or not bridge_config.shared_weights_enabled():
+        return
+    path = bridge_config.output_path()
+    started = time.time()
+
+    def release() -> None:
+        try:  # only a config written since this server started can be its worker's
+            if path.stat().st_mtime < started:
+                return
+        except OSError:
+            return
+        if freed := bridge_config.release(path):
+            log.info("grpo_bridge: unlinked %.1f MiB of shared weights named in %s",
+                     freed / 2**20, path)
+
+    atexit.register(release)
+    _release_registered = True
+
+
 def register() -> None:
     """Entry point of the `vllm.general_plugins` group; safe to call any number of times."""
-    die_with_parent()
+    if not die_with_parent():  # the API server itself (or a process outside vLLM)
+        release_shared_memory_at_exit()
     install_fork_hook()
     install_patches(load_model_hook=True)
