@@ -6,9 +6,9 @@
 #   bash benchmarks/gpu_session.sh e2e     # arithmetic env -> API -> grpo.py shared_vllm, 25 steps
 #   bash benchmarks/gpu_session.sh bench   # benchmarks/sync_latency.py: all three bridges
 #   bash benchmarks/gpu_session.sh rest    # e2e, then bench
+#   bash benchmarks/gpu_session.sh run CMD...  # any command, after the same set-up
 #
-# Needs the kit's parts in /root/kit and, in the call's carry, .whl/ (torch-optimi, pytest,
-# requests). Logs and JSON go to $OUT, which the device tool brings back.
+# Needs the kit's parts in /root/kit and, in the call's carry, .whl/ (torch-optimi, torchao). Logs and JSON go to $OUT, which the device tool brings back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}
@@ -70,5 +70,8 @@ case ${1:-tests} in
     timeout 250 python3 benchmarks/sync_latency.py --steps 10 --restarts 1 --run-dir /tmp/sync \
       --out "$OUT/sync_latency_$DEV.json" 2>&1 | tee "$OUT/bench.log"
     rc2=${PIPESTATUS[0]}; server_logs rest; exit $((rc1 || rc2)) ;;
-  *) echo "usage: $0 tests|e2e|bench|rest"; exit 2 ;;
+  run)
+    shift; "$@" 2>&1 | tee -a "$OUT/run.log"
+    rc=${PIPESTATUS[0]}; server_logs run; exit "$rc" ;;
+  *) echo "usage: $0 tests|e2e|bench|rest|run CMD..."; exit 2 ;;
 esac

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import struct
+import threading
 import time
 from multiprocessing import shared_memory
 from types import SimpleNamespace
@@ -95,5 +96,36 @@ def test_a_held_fence_times_out_with_the_fix():
         with trainer.write():  # released: the next write goes through at once
             pass
         assert trainer.version() == 1
+    finally:
+        worker.unlink()
+
+
+def die_inside_the_fence(section: dict) -> None:
+    import os
+    import signal
+
+    with TrainerFence(section).write():
+        os.kill(os.getpid(), signal.SIGKILL)  # an OOM kill in the middle of optimizer.step()
+
+
+def test_a_writer_killed_inside_the_fence_does_not_wedge_generation():
+    worker = WorkerFence(torch.device("cpu"))
+    try:
+        proc = mp.get_context("spawn").Process(target=die_inside_the_fence,
+                                               args=(worker.section,))
+        proc.start()
+        proc.join(60)
+        assert proc.exitcode == -9
+        # The dead writer held turnstile and mutex: both must be released for it (a thread, so
+        # that a wedged enter() fails the test instead of hanging it).
+        entered = threading.Thread(target=worker.enter, daemon=True)
+        entered.start()
+        entered.join(15)
+        assert not entered.is_alive(), "generation stayed blocked behind a dead writer"
+        worker.exit()
+        with TrainerFence(worker.section, timeout_s=5).write():  # the next writer goes through
+            pass
+        worker.enter()
+        worker.exit()
     finally:
         worker.unlink()

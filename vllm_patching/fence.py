@@ -5,7 +5,9 @@ Objects, created by the worker at export and named in the bridge config's "fence
 - turnstile T and mutex M: named POSIX semaphores (`sem_open`), value 1, any process opens them
   by name. An uncontended acquire+release costs ~0.1 us.
 - a 128-byte shared memory block: the weight version (int64, the trainer's step count), the
-  trainer's IPC event generation (int64) and its cudaIpcEventHandle (64 bytes).
+  trainer's IPC event generation (int64), its cudaIpcEventHandle (64 bytes) and its pid: a
+  worker blocked on a semaphore whose holder died (SIGKILL inside the fence) releases it, so a
+  crashed trainer never wedges generation.
 - on CUDA, two interprocess events: E_fwd (the worker's, handle in the config) and E_write
   (the trainer's, handle in the block).
 
@@ -47,8 +49,18 @@ from typing import Any
 log = logging.getLogger("vllm.grpo_bridge")
 
 BLOCK_BYTES = 128
-VERSION, EVENT_GEN, EVENT_HANDLE = 0, 8, 16  # offsets in the block
+VERSION, EVENT_GEN, EVENT_HANDLE, WRITER_PID = 0, 8, 16, 80  # offsets in the block
 ACQUIRE_TIMEOUT_S = 60.0
+DEAD_WRITER_CHECK_S = 1.0  # how often a blocked worker checks whether the writer died
+
+
+def _alive(pid: int) -> bool:
+    """pid runs (a zombie, killed but not yet reaped by its parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
 
 
 def _sem(name: str, create: bool) -> Any:
@@ -128,9 +140,9 @@ class WorkerFence:
         o = self.objects
         if self._held:  # sample_tokens never came for the last execute_model: end that turn
             self.exit()
-        o.turnstile.acquire()
+        self._acquire(o.turnstile)
         o.turnstile.release()
-        o.mutex.acquire()
+        self._acquire(o.mutex)
         self._held = True
         if self.cuda:
             event = self._trainer_event()
@@ -138,6 +150,19 @@ class WorkerFence:
                 import torch
 
                 torch.cuda.current_stream().wait_event(event)
+
+    def _acquire(self, sem: Any) -> None:
+        """Acquire; if a writer died holding `sem` (SIGKILL, OOM), release its hold for it.
+
+        Sound with one writer per fence (the trainer or the server's training worker): while
+        this worker waits, only the writer can hold either semaphore, and the writer names
+        itself in the block before it acquires."""
+        while not sem.acquire(True, DEAD_WRITER_CHECK_S):
+            pid = self.objects.read(WRITER_PID)
+            if pid and not _alive(pid):
+                log.warning("grpo_bridge: the trainer (pid %d) died inside the fence; "
+                            "releasing its hold so generation goes on", pid)
+                sem.release()
 
     def exit(self) -> None:
         if not self._held:
@@ -217,6 +242,7 @@ class TrainerFence:
         """The block may write the weights: no forward pass runs or is launched meanwhile."""
         o = self.objects
         with self._lock:
+            o.write(WRITER_PID, os.getpid())  # before acquiring: see WorkerFence._acquire
             self._acquire(o.turnstile, "turnstile")
             try:
                 self._acquire(o.mutex, "mutex")
