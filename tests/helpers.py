@@ -167,7 +167,8 @@ def shared_memory_left(config_path: str | Path) -> list[str]:
     config = json.loads(Path(config_path).read_text())
     names = [h["shm_path"] for h in config["ipc_handles"].values() if "shm_path" in h]
     fence = config.get("fence") or {}
-    names += [f"/dev/shm/sem.{fence[k].lstrip('/')}" for k in ("turnstile", "mutex") if k in fence]
+    names += [f"/dev/shm/sem.{fence[k].lstrip('/')}" for k in ("turnstile", "mutex", "recovery")
+              if k in fence]
     names += [f"/dev/shm/{fence['block']}"] if "block" in fence else []
     return [n for n in names if os.path.exists(n)]
 

@@ -12,6 +12,7 @@ import time
 from multiprocessing import shared_memory
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from vllm_patching.fence import TrainerFence, VersionReader, WorkerFence
@@ -108,7 +109,9 @@ def die_inside_the_fence(section: dict) -> None:
         os.kill(os.getpid(), signal.SIGKILL)  # an OOM kill in the middle of optimizer.step()
 
 
-def test_a_writer_killed_inside_the_fence_does_not_wedge_generation():
+@pytest.mark.parametrize("first", ["worker", "next_writer"])
+def test_a_writer_killed_inside_the_fence_wedges_nothing(first):
+    """Whoever comes next, vLLM's worker (generation) or a restarted trainer, gets through."""
     worker = WorkerFence(torch.device("cpu"))
     try:
         proc = mp.get_context("spawn").Process(target=die_inside_the_fence,
@@ -116,16 +119,26 @@ def test_a_writer_killed_inside_the_fence_does_not_wedge_generation():
         proc.start()
         proc.join(60)
         assert proc.exitcode == -9
-        # The dead writer held turnstile and mutex: both must be released for it (a thread, so
-        # that a wedged enter() fails the test instead of hanging it).
-        entered = threading.Thread(target=worker.enter, daemon=True)
-        entered.start()
-        entered.join(15)
-        assert not entered.is_alive(), "generation stayed blocked behind a dead writer"
-        worker.exit()
-        with TrainerFence(worker.section, timeout_s=5).write():  # the next writer goes through
-            pass
-        worker.enter()
-        worker.exit()
+        # The dead writer held turnstile and mutex. Threads, so that a wedge fails the test
+        # instead of hanging it.
+        def next_write() -> None:
+            with TrainerFence(worker.section, timeout_s=30).write():
+                pass
+
+        def next_forward() -> None:
+            worker.enter()
+            worker.exit()
+
+        order = [next_forward, next_write] if first == "worker" else [next_write, next_forward]
+        for step in order:
+            t = threading.Thread(target=step, daemon=True)
+            t.start()
+            t.join(15)
+            assert not t.is_alive(), f"{step.__name__} stayed blocked behind a dead writer"
+        assert TrainerFence(worker.section).version() == 1  # the next write went through once
+        # Nothing was released twice: a writer and a forward still exclude each other.
+        assert worker.objects.mutex.acquire(False)
+        assert not TrainerFence(worker.section, timeout_s=0.2).objects.mutex.acquire(False)
+        worker.objects.mutex.release()
     finally:
         worker.unlink()

@@ -169,7 +169,7 @@ def release(path: Path, wait_s: float = 10.0) -> int:
             except OSError:
                 pass
     fence = config.get("fence") or {}
-    for key in ("turnstile", "mutex"):
+    for key in ("turnstile", "mutex", "recovery"):
         if isinstance(fence.get(key), str):
             with contextlib.suppress(OSError):
                 os.unlink("/dev/shm/sem." + fence[key].lstrip("/"))

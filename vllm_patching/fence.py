@@ -5,9 +5,9 @@ Objects, created by the worker at export and named in the bridge config's "fence
 - turnstile T and mutex M: named POSIX semaphores (`sem_open`), value 1, any process opens them
   by name. An uncontended acquire+release costs ~0.1 us.
 - a 128-byte shared memory block: the weight version (int64, the trainer's step count), the
-  trainer's IPC event generation (int64), its cudaIpcEventHandle (64 bytes) and its pid: a
-  worker blocked on a semaphore whose holder died (SIGKILL inside the fence) releases it, so a
-  crashed trainer never wedges generation.
+  trainer's IPC event generation (int64), its cudaIpcEventHandle (64 bytes), and its pid and
+  what it holds: a worker or a next trainer blocked behind a writer that died inside the fence
+  (SIGKILL, OOM) releases its hold (_Objects.recover), so a crashed trainer wedges nothing.
 - on CUDA, two interprocess events: E_fwd (the worker's, handle in the config) and E_write
   (the trainer's, handle in the block).
 
@@ -41,6 +41,7 @@ import logging
 import os
 import struct
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from multiprocessing import shared_memory, synchronize
@@ -49,9 +50,9 @@ from typing import Any
 log = logging.getLogger("vllm.grpo_bridge")
 
 BLOCK_BYTES = 128
-VERSION, EVENT_GEN, EVENT_HANDLE, WRITER_PID = 0, 8, 16, 80  # offsets in the block
+VERSION, EVENT_GEN, EVENT_HANDLE, WRITER_PID, WRITER_PHASE = 0, 8, 16, 80, 88  # block offsets
 ACQUIRE_TIMEOUT_S = 60.0
-DEAD_WRITER_CHECK_S = 1.0  # how often a blocked worker checks whether the writer died
+DEAD_WRITER_CHECK_S = 1.0  # how often a blocked party checks whether the writer died
 
 
 def _alive(pid: int) -> bool:
@@ -93,6 +94,7 @@ class _Objects:
         self.section = section
         self.turnstile = _sem(section["turnstile"], create)
         self.mutex = _sem(section["mutex"], create)
+        self.recovery = _sem(section["recovery"], create)
         if create:
             self.block = shared_memory.SharedMemory(name=section["block"], create=True,
                                                     size=BLOCK_BYTES)
@@ -109,6 +111,29 @@ class _Objects:
     def version(self) -> int:
         return self.read(VERSION)
 
+    def recover(self) -> bool:
+        """If the writer named in the block died inside the fence, release what it held.
+
+        The writer records what it holds (phase 1: turnstile, 2: turnstile and mutex) right
+        after each acquire and before each release, so a SIGKILL (OOM) anywhere but between
+        those adjacent instructions leaves an exact record. The recovery semaphore keeps the
+        worker and a new writer from both releasing the same hold."""
+        if not self.recovery.acquire(False):
+            return False
+        try:
+            pid, phase = self.read(WRITER_PID), self.read(WRITER_PHASE)
+            if not pid or not phase or _alive(pid):
+                return False
+            log.warning("grpo_bridge: the trainer (pid %d) died inside the fence; releasing "
+                        "its hold so that generation and the next trainer go on", pid)
+            if phase >= 2:
+                self.mutex.release()
+            self.turnstile.release()
+            self.write(WRITER_PHASE, 0)
+            return True
+        finally:
+            self.recovery.release()
+
 
 class WorkerFence:
     """Created in vLLM's worker; wraps its execute_model / sample_tokens."""
@@ -116,7 +141,8 @@ class WorkerFence:
     def __init__(self, device: Any) -> None:
         tag = f"grpo-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.section: dict[str, Any] = {"turnstile": f"/{tag}-t", "mutex": f"/{tag}-m",
-                                        "block": f"{tag}-b", "cuda": device.type == "cuda"}
+                                        "recovery": f"/{tag}-r", "block": f"{tag}-b",
+                                        "cuda": device.type == "cuda"}
         self.objects = _Objects(self.section, create=True)
         self.cuda = self.section["cuda"]
         self._held = False
@@ -130,7 +156,7 @@ class WorkerFence:
             self.section["device_index"] = device.index or 0
 
     def unlink(self) -> None:
-        for name in (self.section["turnstile"], self.section["mutex"]):
+        for name in (self.section["turnstile"], self.section["mutex"], self.section["recovery"]):
             with contextlib.suppress(OSError):
                 _multiprocessing.sem_unlink(name)
         with contextlib.suppress(OSError):
@@ -152,17 +178,9 @@ class WorkerFence:
                 torch.cuda.current_stream().wait_event(event)
 
     def _acquire(self, sem: Any) -> None:
-        """Acquire; if a writer died holding `sem` (SIGKILL, OOM), release its hold for it.
-
-        Sound with one writer per fence (the trainer or the server's training worker): while
-        this worker waits, only the writer can hold either semaphore, and the writer names
-        itself in the block before it acquires."""
+        """Acquire; while blocked, release what a writer that died inside the fence held."""
         while not sem.acquire(True, DEAD_WRITER_CHECK_S):
-            pid = self.objects.read(WRITER_PID)
-            if pid and not _alive(pid):
-                log.warning("grpo_bridge: the trainer (pid %d) died inside the fence; "
-                            "releasing its hold so generation goes on", pid)
-                sem.release()
+            self.objects.recover()
 
     def exit(self) -> None:
         if not self._held:
@@ -231,21 +249,32 @@ class TrainerFence:
             self.objects.write(EVENT_GEN, self.objects.read(EVENT_GEN) + 1)
 
     def _acquire(self, sem: Any, what: str) -> None:
-        if not sem.acquire(True, self.timeout_s):
-            raise FenceTimeout(
-                f"vLLM's worker held the weights' {what} for {self.timeout_s:.0f} s: is the "
-                "server alive and not stuck? (restart it; the HTTP fence is used when the "
-                "bridge config has no fence section)")
+        deadline = time.monotonic() + self.timeout_s
+        while not sem.acquire(True, DEAD_WRITER_CHECK_S):
+            if sem is self.objects.turnstile:
+                self.objects.recover()  # a writer before us may have died holding it
+            if time.monotonic() > deadline:
+                raise FenceTimeout(
+                    f"vLLM's worker held the weights' {what} for {self.timeout_s:.0f} s: is "
+                    "the server alive and not stuck? (restart it; the HTTP fence is used when "
+                    "the bridge config has no fence section)")
+
+    def _phase(self, phase: int) -> None:
+        """What this writer holds, for recover(): written right after acquiring, right before
+        releasing (phase first: a death between the two writes still names a holder)."""
+        self.objects.write(WRITER_PHASE, phase)
+        self.objects.write(WRITER_PID, os.getpid())
 
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
         """The block may write the weights: no forward pass runs or is launched meanwhile."""
         o = self.objects
         with self._lock:
-            o.write(WRITER_PID, os.getpid())  # before acquiring: see WorkerFence._acquire
             self._acquire(o.turnstile, "turnstile")
+            self._phase(1)
             try:
                 self._acquire(o.mutex, "mutex")
+                self._phase(2)
                 try:
                     if self.cuda:
                         import torch
@@ -256,8 +285,10 @@ class TrainerFence:
                         self.write_event.record()
                     o.write(VERSION, o.version() + 1)
                 finally:
+                    self._phase(1)
                     o.mutex.release()
             finally:
+                self._phase(0)
                 o.turnstile.release()
 
     def version(self) -> int:
