@@ -13,6 +13,8 @@ and answers. Where we differ, on purpose:
   or vocab_size; an env_id this process never issued (it restarted: register again).
 - POST /register-env answers {"status": "wait for trainer to start"} until the trainer's first
   GET /batch, as atroposlib (--no-wait-for-trainer to turn off).
+- GET /batch?order=freshest (ours; --batch-order sets the default, fifo as atroposlib) offers
+  each env's groups newest weight version first; atroposlib's run-api ignores the parameter.
 - Every route: 413 past --max-body-mib (also once gzip-inflated); 403 for a Host that is not
   loopback, --host or --allowed-hosts, and for browser pages of another origin. POST /reset_data.
 """
@@ -23,7 +25,7 @@ import argparse
 import json
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
@@ -34,6 +36,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from environments import batching
+from environments.batch_plan import BATCH_ORDERS
 from environments.batching import BatchingState, QueuedGroup
 from environments.http_gate import MIB, HostPolicy, RequestGate, SafeJSON, error
 from environments.schemas import GROUP_LIST, EnvIdentifier, RegisterEnv, Registration, ScoredData
@@ -41,6 +44,7 @@ from environments.schemas import GROUP_LIST, EnvIdentifier, RegisterEnv, Registr
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_MIB = 32.0
+BatchOrder = Literal[tuple(BATCH_ORDERS)]  # ?order= of GET /batch: a 422 lists the choices
 RETRY_AFTER_S = "1"
 
 
@@ -109,12 +113,13 @@ async def info(request: Request) -> dict:
 
 
 @router.get("/batch")
-async def batch(request: Request) -> Response:
+async def batch(request: Request, order: BatchOrder | None = None) -> Response:
     state = _state(request)
     if state.registration is None:
         msg = "trainer not registered: call POST /register first"
         return error(409, msg, status="error", message=msg)
-    return _json(b'{"batch":' + (state.next_batch() or b"null") + b"}")
+    body = state.next_batch(order or request.app.state.batch_order)
+    return _json(b'{"batch":' + (body or b"null") + b"}")
 
 
 @router.get("/latest_example")
@@ -190,7 +195,8 @@ async def _refused(_: Request, exc: Exception) -> SafeJSON:
 def create_app(max_queue_sequences: int | None = None, seed: int = 0,
                wait_for_trainer: bool = True, max_body_bytes: int = int(DEFAULT_MAX_BODY_MIB * MIB),
                max_queue_bytes: int = batching.DEFAULT_QUEUE_BYTES, bind_host: str = "127.0.0.1",
-               allowed_hosts: Sequence[str] = (), env_id_base: int | None = None) -> FastAPI:
+               allowed_hosts: Sequence[str] = (), env_id_base: int | None = None,
+               batch_order: str = "fifo") -> FastAPI:
     """The API over one fresh BatchingState (kept on `app.state.batching`)."""
     app = FastAPI(title="Batching API (Atropos-compatible)", default_response_class=SafeJSON)
     app.include_router(router)
@@ -203,6 +209,7 @@ def create_app(max_queue_sequences: int | None = None, seed: int = 0,
                        max_body_bytes=max_body_bytes)
     app.state.batching = BatchingState(max_queue_sequences, max_queue_bytes, seed,
                                        wait_for_trainer, env_id_base)
+    app.state.batch_order = batch_order  # for GET /batch without ?order=
     return app
 
 
@@ -231,6 +238,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-for-trainer", action=argparse.BooleanOptionalAction, default=True,
                    help="answer POST /register-env 'wait for trainer to start' until the first "
                         "GET /batch, as atroposlib does (default: on)")
+    p.add_argument("--batch-order", choices=sorted(BATCH_ORDERS), default="fifo",
+                   help="which of an env's queued groups GET /batch takes first when the request "
+                        "has no ?order=: fifo (oldest, as atroposlib) or freshest (newest weight "
+                        "version, then newest arrival); default: %(default)s")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"], help="%(default)s")
     return p
@@ -248,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     hosts = [h.strip() for arg in args.allowed_hosts for h in arg.split(",") if h.strip()]
     app = create_app(args.max_queue_sequences, args.seed, args.wait_for_trainer,
                      int(args.max_body_mib * MIB), int(args.max_queue_mib * MIB), args.host,
-                     hosts)
+                     hosts, batch_order=args.batch_order)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 

@@ -1,6 +1,7 @@
 """Which queued groups make the next batch: exact subset sums (a batch is whole groups totalling
 exactly batch_size sequences) and the draw order that honours env weights and minimum shares,
-as atroposlib's run-api does. Pure functions of the queue; tested without HTTP.
+as atroposlib's run-api does; within an env oldest first (atroposlib) or, on request, freshest
+first. Pure functions of the queue; tested without HTTP.
 
 Batches are whole groups totalling exactly `batch_size` sequences. If any set of queued groups
 sums to `batch_size`, GET /batch forms one (pick_exact searches all subsets). What can remain
@@ -67,13 +68,30 @@ def env_weight(envs: Mapping[int, Any], env_id: int | None) -> float:
     return max(MIN_ENV_WEIGHT, env.weight) if env else 1.0
 
 
+def fifo(queue: Sequence[Any]) -> list[int]:
+    """Oldest arrival first (atroposlib's order)."""
+    return list(range(len(queue)))
+
+
+def freshest(queue: Sequence[Any]) -> list[int]:
+    """Newest weights first: by the group's oldest weight version, then latest arrival; groups
+    without a version come after those with one, latest arrival first."""
+    return sorted(range(len(queue)), reverse=True,
+                  key=lambda i: (queue[i].version is not None, queue[i].version or 0, i))
+
+
+# GET /batch?order=...: the order in which each env's queued groups are offered to a batch.
+BATCH_ORDERS = {"fifo": fifo, "freshest": freshest}
+
+
 def priority_order(queue: Sequence[Any], envs: Mapping[int, Any], batch_size: int,
-                   rng: random.Random) -> list[int]:
+                   rng: random.Random, within_env: Sequence[int] | None = None) -> list[int]:
     """Queue positions in the order a batch should draw them: each env's minimum share
-    first, then a draw weighted by env weight (seeded); each env stays oldest first."""
+    first, then a draw weighted by env weight (seeded); within an env, in the order of
+    `within_env` (queue positions; default oldest first)."""
     by_env: dict[int | None, deque[int]] = {}
-    for i, g in enumerate(queue):
-        by_env.setdefault(g.env_id, deque()).append(i)
+    for i in range(len(queue)) if within_env is None else within_env:
+        by_env.setdefault(queue[i].env_id, deque()).append(i)
     order: list[int] = []
     for env_id, min_seqs in min_shares(batch_size, envs.values()).items():
         pending, taken = by_env[env_id], 0

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from environments.batch_plan import (
+    BATCH_ORDERS,
     atropos_env_status,
     min_shares,
     pick_exact,
@@ -33,7 +34,6 @@ DEFAULT_QUEUE_BYTES = 1 << 30
 # Settings that decide what the queue may hold and what a batch is: a second /register that
 # changes one of them would get batches built for another trainer.
 BATCH_SHAPING = ("batch_size", "max_token_len", "vocab_size")
-
 
 
 class Rejected(ValueError):
@@ -64,11 +64,13 @@ class QueuedGroup:
     longest: int  # tokens in the longest sequence
     max_token_id: int
     payload: bytes  # the group as GET /batch sends it
+    version: int | None = None  # its oldest sequence's weight version, if it carries one
 
     @classmethod
     def from_scored(cls, group: ScoredData) -> QueuedGroup:
         return cls(group.env_id, len(group.tokens), max(map(len, group.tokens)),
-                   group.max_token_id(), group.model_dump_json().encode())
+                   group.max_token_id(), group.model_dump_json().encode(),
+                   group.oldest_weight_version())
 
 
 @dataclass
@@ -253,8 +255,8 @@ class BatchingState:
         return any(env_id not in present
                    for env_id in min_shares(self.batch_size, self.envs.values()))
 
-    def next_batch(self) -> bytes | None:
-        """The JSON array of one exact batch, removed from the queue; None to wait."""
+    def next_batch(self, order: str = "fifo") -> bytes | None:
+        """One exact batch as a JSON array, removed from the queue; None to wait."""
         self.started = True
         if self.queued_sequences < self.batch_size or self._plan(self.queue) is None:
             if self.queued_sequences >= self.batch_size and not self._warned_unpackable:
@@ -262,10 +264,11 @@ class BatchingState:
                             "waiting for more", self.queued_sequences, self.batch_size)
                 self._warned_unpackable = True
             return None
-        order = priority_order(self.queue, self.envs, self.batch_size, self.rng)
-        picked = pick_exact([self.queue[i].size for i in order], self.batch_size)
+        ranked = priority_order(self.queue, self.envs, self.batch_size, self.rng,
+                                BATCH_ORDERS[order](self.queue))
+        picked = pick_exact([self.queue[i].size for i in ranked], self.batch_size)
         assert picked is not None  # _plan found a subset; any order finds one
-        chosen = {order[p] for p in picked}
+        chosen = {ranked[p] for p in picked}
         batch = [g for i, g in enumerate(self.queue) if i in chosen]  # in arrival order
         body = b"[" + b",".join(g.payload for g in batch) + b"]"  # built before anything is popped
         self._remove({id(g) for g in batch})

@@ -29,6 +29,10 @@ IGNORE = -100  # mask value where no loss is taken (the prompt), as in Atropos
 PROMPT_LOGPROB = 1.0
 # overrides[i][WEIGHT_VERSION]: the trainer step whose weights generated sequence i.
 WEIGHT_VERSION = "weight_version"
+# group_overrides keys of our environments' dynamic sampling (DAPO): the groups the env dropped
+# (all scores equal) since its previous post, and the seconds it spent generating them.
+DYNAMIC_DROPPED = "dynamic_sampling_dropped_groups"
+DYNAMIC_DROPPED_S = "dynamic_sampling_dropped_s"
 MAX_TOKEN_ID = 2**31 - 1
 MAX_VOCAB_SIZE = 1 << 24  # the largest real vocabularies are ~2**18
 MAX_GROUP_SEQUENCES = 4096  # sequences in one group
@@ -246,6 +250,15 @@ class ScoredData(BaseModel):
             overrides=None if weight_versions is None else [
                 {WEIGHT_VERSION: v} for v in weight_versions],
         )
+
+    def weight_versions(self) -> list[int | None]:
+        """Per sequence, overrides[i][WEIGHT_VERSION] when it is an int, else None."""
+        rows = self.overrides or [{}] * len(self.tokens)
+        return [v if type(v := row.get(WEIGHT_VERSION)) is int else None for row in rows]
+
+    def oldest_weight_version(self) -> int | None:
+        """The oldest version any sequence carries (None: no sequence carries one)."""
+        return min((v for v in self.weight_versions() if v is not None), default=None)
 
     def max_token_id(self) -> int:
         """The largest token id anywhere in the group (tokens and distillation ids)."""

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from environments.api_server import create_app
+from environments.batch_plan import fifo, freshest
 from environments.batching import (
     BatchingState,
     QueuedGroup,
@@ -29,7 +30,7 @@ from environments.batching import (
     pick_exact,
 )
 from environments.schemas import RegisterEnv, Registration, ScoredData
-from tests.conftest import start_api_server
+from tests.helpers import start_api_server
 
 BASE_URL = "http://127.0.0.1:8000"
 # The keys atroposlib 0.4's run-api puts in every queued group (and so in every batch item).
@@ -78,6 +79,16 @@ def started(batch_size: int = 8, **kw) -> TestClient:
 
 def tags(batch: list[dict]) -> list[int]:
     return [g["tokens"][0][0] for g in batch]
+
+
+def versioned(n: int, tag: int, versions: list[int | None] | int | None, **kw) -> dict:
+    """group(n, tag) whose sequences carry weight versions in overrides, as our envs post them
+    (an int: every sequence; None: no overrides)."""
+    g = group(n, tag, **kw)
+    if versions is not None:
+        versions = [versions] * n if isinstance(versions, int) else versions
+        g["overrides"] = [{} if v is None else {"weight_version": v} for v in versions]
+    return g
 
 
 # ---- the queue logic, without HTTP --------------------------------------------------------------
@@ -177,6 +188,30 @@ def test_chains_of_divisors_always_pack():
         while s.next_batch() is not None:
             pass
         assert s.queued_sequences < 8
+
+
+def test_freshest_order_ranks_by_oldest_version_then_arrival():
+    queue = [QueuedGroup.from_scored(ScoredData.model_validate(g)) for g in (
+        versioned(2, 0, 3), versioned(2, 1, [6, 5]), versioned(2, 2, None),
+        versioned(2, 3, 5), versioned(2, 4, 4), versioned(2, 5, None), versioned(2, 6, [9, None]))]
+    assert [q.version for q in queue] == [3, 5, None, 5, 4, None, 9]  # the oldest sequence's
+    assert fifo(queue) == [0, 1, 2, 3, 4, 5, 6]
+    # newest version first, ties by latest arrival; unversioned last, latest arrival first
+    assert freshest(queue) == [6, 3, 1, 4, 0, 5, 2]
+
+
+def test_next_batch_freshest_takes_the_newest_weights_fifo_the_oldest():
+    s = state(batch_size=4)
+    s.enqueue([queued_v(2, 1, 1), queued_v(4, 2, 2), queued_v(2, 3, 3), queued_v(2, 4, 4),
+               queued_v(2, 5, 5)])
+    assert tags(json.loads(s.next_batch("freshest"))) == [4, 5]  # in arrival order
+    assert tags(json.loads(s.next_batch())) == [1, 3]  # fifo: the oldest that make 4
+    assert tags(json.loads(s.next_batch("freshest"))) == [2]
+    assert s.next_batch("freshest") is None and s.step == 3
+
+
+def queued_v(size: int, tag: int, version: int | None) -> QueuedGroup:
+    return QueuedGroup.from_scored(ScoredData.model_validate(versioned(size, tag, version)))
 
 
 def test_registration_rules_without_http():
@@ -349,6 +384,21 @@ def test_min_batch_allocation_is_honoured_and_holds_batches():
     assert c.post("/disconnect-env", json={"env_id": small}).json() == {"status": "success"}
     c.post("/scored_data_list", json=[group(2, tag=big, env_id=big) for _ in range(4)])
     assert c.get("/batch").json()["batch"] is not None  # its minimum no longer applies
+
+
+def test_batch_order_is_a_query_parameter_with_a_server_default():
+    c = started(batch_size=4)
+    for tag in range(4):
+        c.post("/scored_data", json=versioned(2, tag, 10 + tag))
+    assert tags(c.get("/batch", params={"order": "freshest"}).json()["batch"]) == [2, 3]
+    assert tags(c.get("/batch").json()["batch"]) == [0, 1]  # no ?order=: fifo, as atroposlib
+    r = c.get("/batch", params={"order": "newest"})
+    assert r.status_code == 422 and "'fifo' or 'freshest'" in r.json()["detail"][0]["msg"]
+    c = started(batch_size=2, batch_order="freshest")
+    for tag in range(3):
+        c.post("/scored_data", json=versioned(2, tag, tag))
+    assert tags(c.get("/batch").json()["batch"]) == [2]
+    assert tags(c.get("/batch", params={"order": "fifo"}).json()["batch"]) == [0]
 
 
 def test_full_queue_answers_503_retry_after_and_drains_after_batch():
@@ -610,7 +660,7 @@ def test_help_names_the_flags():
     out = subprocess.run([sys.executable, "-m", "environments.api_server", "--help"],
                          capture_output=True, text=True, check=True).stdout
     for flag in ("--port", "--host", "--max-queue-sequences", "--max-queue-mib", "--seed",
-                 "--no-wait-for-trainer", "--max-body-mib", "--allowed-hosts"):
+                 "--no-wait-for-trainer", "--max-body-mib", "--allowed-hosts", "--batch-order"):
         assert flag in out
 
 
@@ -640,6 +690,29 @@ def test_real_server_round_trip(tmp_path):
     finally:
         proc.stop()
     assert not proc.alive()
+
+
+@pytest.mark.integration
+def test_real_server_serves_the_freshest_groups_first_on_request(tmp_path):
+    """Groups posted as our envs post them (weight versions in overrides) through a real API
+    process started with --batch-order freshest; ?order=fifo still gets the oldest."""
+    proc, url = start_api_server(tmp_path / "api.log", ["--batch-order", "freshest"])
+    try:
+        requests.post(f"{url}/register", json=registration(batch_size=4),
+                      timeout=5).raise_for_status()
+        # arrival order is not version order: a slow request finished late on old weights
+        for tag, version in enumerate([3, 1, 4, 2, 5, 2]):
+            requests.post(f"{url}/scored_data", json=versioned(2, tag, version),
+                          timeout=5).raise_for_status()
+        batches = [requests.get(f"{url}/batch", params=params, timeout=5).json()["batch"]
+                   for params in ({}, {"order": "fifo"}, {"order": "freshest"}, {})]
+        status = requests.get(f"{url}/status", timeout=5).json()
+    finally:
+        proc.stop()
+    versions = [sorted(g["overrides"][0]["weight_version"] for g in b) if b else None
+                for b in batches]
+    assert versions == [[4, 5], [1, 3], [2, 2], None]
+    assert status["current_step"] == 3 and status["queue_sequences"] == 0
 
 
 def post_until_queued(url: str, payload: dict, deadline: float) -> None:
