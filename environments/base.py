@@ -11,11 +11,9 @@ A subclass supplies data and scoring: `setup`, `next_item`, `eval_items`, `messa
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import signal
-import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,14 +22,9 @@ from dataclasses import asdict
 from typing import Any
 
 from environments.api_link import ApiConversation
-from environments.env_config import BaseEnvConfig, parse_cli
-from environments.inference_client import (
-    Completion,
-    InferenceClient,
-    OpenAIConfig,
-    StopRequested,
-)
-from environments.schemas import ScoredData
+from environments.env_config import BaseEnvConfig, run_cli
+from environments.inference_client import Completion, InferenceClient, OpenAIConfig, StopRequested
+from environments.schemas import DYNAMIC_DROPPED, DYNAMIC_DROPPED_S, ScoredData
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +64,8 @@ class BaseEnv(ApiConversation):
         self._errors: list[BaseException] = []
         self._wandb = None
         self._score_jobs: queue.Queue = queue.Queue()
+        self.dynamic_dropped, self.dynamic_dropped_s = 0, 0.0  # dynamic sampling's drops
+        self._dynamic_posted = (0, 0.0)  # the above as of our last post
 
     # ---- what a subclass provides -------------------------------------------------------------
     def setup(self) -> None:
@@ -186,12 +181,31 @@ class BaseEnv(ApiConversation):
             if 0 <= self.config.total_steps <= self._posted:
                 self.stop_event.set()
 
+    def dynamic_sampling(self, group: dict[str, Any], seconds: float) -> bool:
+        """DAPO's dynamic sampling: False for a group whose scores are all equal (no advantage,
+        no gradient), counted with the `seconds` it took; else True, and the group's
+        group_overrides tell the trainer what we dropped since our previous post."""
+        with self._lock:
+            if len(set(group["scores"])) == 1:
+                self.dynamic_dropped += 1
+                self.dynamic_dropped_s += seconds
+                log.info("dynamic sampling: dropped a group of equal scores (%s), %d so far",
+                         group["scores"][0], self.dynamic_dropped)
+                return False
+            n, s = self._dynamic_posted
+            self._dynamic_posted = (self.dynamic_dropped, self.dynamic_dropped_s)
+            extra = {DYNAMIC_DROPPED: self.dynamic_dropped - n,
+                     DYNAMIC_DROPPED_S: self.dynamic_dropped_s - s}
+        group["group_overrides"] = {**(group.get("group_overrides") or {}), **extra}
+        return True
+
     def rollout_and_post(self, item: Any) -> bool:
+        t0 = time.monotonic()
         group = self.collect_group(item)
-        scores = group["scores"]
-        if self.config.ensure_scores_are_not_same and len(set(scores)) == 1:
-            log.info("dropped a group whose scores are all %s", scores[0])
+        if (self.config.ensure_scores_are_not_same
+                and not self.dynamic_sampling(group, time.monotonic() - t0)):
             return False
+        scores = group["scores"]
         self.post_group(group)
         mean_len = sum(len(t) for t in group["tokens"]) / len(scores)
         log.info("posted group %d: mean score %.3f, mean length %.1f tokens",
@@ -283,14 +297,4 @@ class BaseEnv(ApiConversation):
         return {"task": self.name, "accuracy": correct / max(len(scores), 1), "correct": correct,
                 "total": len(scores), "seconds": round(time.monotonic() - t0, 2)}
 
-    @classmethod
-    def cli(cls, argv: list[str] | None = None) -> None:
-        logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        command, env_config, openai_config = parse_cli(cls.config_cls, argv, prog=cls.name)
-        env = cls(env_config, openai_config)
-        if command == "serve":
-            env.serve()
-        else:
-            print(json.dumps(env.evaluate()))  # noqa: T201 - the accuracy line is this CLI's output
-        sys.exit(0)
+    cli = classmethod(run_cli)  # `python -m <env module> serve|evaluate ...`

@@ -5,6 +5,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import sys
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -12,9 +15,9 @@ from typing import Any
 from environments.inference_client import OpenAIConfig
 
 
-def config_field(default: Any, help: str) -> Any:  # noqa: A002 - argparse's word
-    """A dataclass field whose help text becomes the flag's --help."""
-    return field(default=default, metadata={"help": help})
+def config_field(default: Any, help: str, aliases: tuple[str, ...] = ()) -> Any:  # noqa: A002
+    """A dataclass field whose help text becomes the flag's --help (`aliases`: other names)."""
+    return field(default=default, metadata={"help": help, "aliases": aliases})
 
 
 @dataclass
@@ -58,7 +61,10 @@ class BaseEnvConfig:
     # We keep them by default: a small model on a fresh task yields many all-zero groups, and the
     # trainer already gives them zero advantage; the trainer's batch then fills at a steady pace.
     ensure_scores_are_not_same: bool = config_field(
-        False, "drop groups whose scores are all equal")
+        False, "dynamic sampling (DAPO, arXiv 2503.14476; verl's filter_groups): drop groups "
+        "whose scores are all equal (zero advantage, no gradient) and generate others in their "
+        "place; each posted group tells the trainer what was dropped since the previous one "
+        "(data/dynamic_dropped_groups, data/dynamic_extra_gen_s)", aliases=("dynamic_sampling",))
     include_messages: bool = config_field(
         False, "send the chat messages (prompt + completion) with each group")
 
@@ -98,7 +104,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str) ->
             kwargs.update(type=typ, choices=f.metadata["choices"])
         else:
             kwargs.update(type=_optional(typ), metavar=f.name.upper())
-        parser.add_argument(f"--{prefix}.{f.name}", **kwargs)
+        aliases = [f"--{prefix}.{a}" for a in f.metadata.get("aliases", ())]
+        parser.add_argument(f"--{prefix}.{f.name}", *aliases, **kwargs)
 
 
 def config_from_args(args: argparse.Namespace, cls: type, prefix: str) -> Any:
@@ -124,3 +131,16 @@ def parse_cli(env_config_cls: type, argv: list[str] | None = None, prog: str | N
         parser.error("--slurm true is not supported: start one env per node instead")
     return (args.command, config_from_args(args, env_config_cls, "env"),
             config_from_args(args, OpenAIConfig, "openai"))
+
+
+def run_cli(env_cls: Any, argv: list[str] | None = None) -> None:
+    """An environment's `serve|evaluate` command (BaseEnv.cli); exits 0 when done."""
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    command, env_config, openai_config = parse_cli(env_cls.config_cls, argv, prog=env_cls.name)
+    env = env_cls(env_config, openai_config)
+    if command == "serve":
+        env.serve()
+    else:
+        print(json.dumps(env.evaluate()))  # noqa: T201 - the accuracy line is this CLI's output
+    sys.exit(0)

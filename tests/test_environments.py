@@ -265,6 +265,15 @@ def test_cli_parses_env_and_openai_flags():
         "m", "http://h:9001/v1", "openai", "k")
 
 
+def test_dynamic_sampling_is_the_atroposlib_flag_or_its_alias(capsys):
+    assert parse_cli(ArithmeticEnvConfig, ["serve"])[1].ensure_scores_are_not_same is False
+    for flag in ("--env.ensure_scores_are_not_same", "--env.dynamic_sampling"):
+        assert parse_cli(ArithmeticEnvConfig, ["serve", flag, "true"])[1].ensure_scores_are_not_same
+    with pytest.raises(SystemExit):
+        parse_cli(ArithmeticEnvConfig, ["serve", "--help"])
+    assert "dynamic sampling (DAPO" in " ".join(capsys.readouterr().out.split())
+
+
 def test_cli_rejects_bad_flags():
     from environments.gsm8k_server import GSM8kEnvConfig
 
@@ -385,6 +394,46 @@ def test_serve_posts_groups_through_fake_servers(fake_server, tiny_model):
                                       strict=True):
             assert masks == [-100] * n_prompt + tokens[n_prompt:]
             assert lps == [1.0] * n_prompt + [-0.5] * (len(tokens) - n_prompt)
+
+
+def test_dynamic_sampling_counts_what_it_drops_and_posts_the_counts(fake_server, tiny_model):
+    """All-equal groups (even sums, answered right four times) are dropped and generated
+    again; each posted group's group_overrides carry the drops since the previous post, so
+    their sum is the env's total, which is what the trainer adds up per step."""
+    env = ArithmeticEnv(ArithmeticEnvConfig(tokenizer_name=str(tiny_model), group_size=4,
+                                            total_steps=3, max_num_workers=1, seed=5,
+                                            ensure_scores_are_not_same=True), OpenAIConfig())
+
+    def texts(prompt: str) -> list[str]:
+        a, b = (int(x) for x in prompt.split("What is ")[1].split("?")[0].split(" + "))
+        return [str(a + b)] * 4 if (a + b) % 2 == 0 else [str(a + b), "7", "8", ""]
+
+    llm = fake_server({("POST", "/generate"): generate_route(env, texts)})
+    api = fake_server({
+        ("POST", "/register-env"): answers((200, {"status": "success", "env_id": 0})),
+        ("GET", "/info"): answers((200, {"batch_size": -1, "max_token_len": -1})),
+        ("GET", "/status-env"): answers((200, ROOMY)),
+        ("POST", "/scored_data"): answers((200, {"status": "received"})),
+    })
+    env.config.rollout_server_url, env.client.root = api.url, llm.url
+    # One worker draws problems in seed order: the even sums before each of the first 3 odd ones.
+    expected, run = [], 0
+    for problem in arith.training_problems(5):
+        if problem.answer % 2 == 0:
+            run += 1
+            continue
+        expected, run = [*expected, run], 0
+        if len(expected) == 3:
+            break
+    assert sum(expected) >= 2  # the seed gives the test something to drop
+    assert env.serve() == 3
+    assert len(llm.bodies("POST", "/generate")) == 3 + sum(expected)
+    extra = [g["group_overrides"] for g in api.bodies("POST", "/scored_data")]
+    assert [e["dynamic_sampling_dropped_groups"] for e in extra] == expected
+    assert env.dynamic_dropped == sum(expected)
+    seconds = [e["dynamic_sampling_dropped_s"] for e in extra]
+    assert all(s >= 0 for s in seconds) and (sum(seconds) > 0) == (sum(expected) > 0)
+    assert sum(seconds) == pytest.approx(env.dynamic_dropped_s, abs=1e-9)
 
 
 def test_gsm8k_scores_in_worker_threads(fake_server, tiny_model, tmp_path):
