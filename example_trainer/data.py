@@ -2,9 +2,9 @@
 
 A batch is a list of ScoredData groups (one prompt, group_size completions each), checked with the
 wire schema the batching API uses (environments/schemas.py: an API such as atroposlib's run-api
-may pass anything on), then against this trainer: lengths and token ids. Sequences get
-group-relative advantages and are packed into micro-batches and collated. Position t of
-every (B, T-1) tensor describes the prediction of token t+1 from the prefix tokens[:t+1].
+may pass anything on), then against this trainer: lengths, token ids and --max-staleness.
+Sequences get group-relative advantages and are packed into micro-batches and collated. Position
+t of every (B, T-1) tensor describes the prediction of token t+1 from the prefix tokens[:t+1].
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor
 
-from environments.schemas import IGNORE, WEIGHT_VERSION, ScoredData
+from environments.schemas import DYNAMIC_DROPPED, DYNAMIC_DROPPED_S, IGNORE, ScoredData
 from example_trainer.loss import group_advantages
 
 
@@ -80,14 +80,14 @@ def rollouts_from_groups(groups: list[ScoredData], scale_advantages: bool) -> li
     group_ids: list[int] = []
     for i, g in enumerate(groups):
         lps = g.inference_logprobs
+        versions = g.weight_versions()
         for j, (tokens, masks) in enumerate(zip(g.tokens, g.masks, strict=True)):
-            version = (g.overrides[j] if g.overrides else {}).get(WEIGHT_VERSION)
             rollouts.append(Rollout(
                 tokens=tokens,
                 trained=[m != IGNORE for m in masks],
                 inference_logprobs=lps[j] if lps is not None else None,
                 score=g.scores[j],
-                weight_version=version if type(version) is int else None,
+                weight_version=versions[j],
             ))
             group_ids.append(i)
     scores = torch.tensor([r.score for r in rollouts], dtype=torch.float32)
@@ -148,3 +148,29 @@ def staleness(rollouts: list[Rollout], step: int) -> dict[str, float]:
         return {}
     return {"data/staleness_mean": sum(lags) / len(lags), "data/staleness_max": float(max(lags)),
             "data/versioned_fraction": len(lags) / len(rollouts)}
+
+
+def fresh_groups(groups: list[ScoredData], step: int, max_staleness: int
+                 ) -> tuple[list[ScoredData], int]:
+    """The groups step `step` may train on, and how many it may not: a group whose oldest
+    sequence's version is more than `max_staleness` steps behind the weights this step trains
+    (those of step - 1) is too stale. A group without versions is kept; max_staleness < 0
+    keeps every group."""
+    if max_staleness < 0:
+        return groups, 0
+    kept = [g for g in groups
+            if (v := g.oldest_weight_version()) is None or step - 1 - v <= max_staleness]
+    return kept, len(groups) - len(kept)
+
+
+def dynamic_sampling(groups: list[ScoredData]) -> dict[str, float]:
+    """What dynamic sampling cost the environments for these groups: each group an env posts
+    carries (group_overrides) the groups it dropped since its previous post because their scores
+    were all equal (no advantage, no gradient), and the seconds it spent generating them."""
+    dropped, seconds = 0, 0.0
+    for g in groups:
+        extra = g.group_overrides or {}
+        n, s = extra.get(DYNAMIC_DROPPED), extra.get(DYNAMIC_DROPPED_S)
+        dropped += n if type(n) is int and n > 0 else 0  # free-form JSON: trust only sane values
+        seconds += s if type(s) in (int, float) and s > 0 else 0.0
+    return {"data/dynamic_dropped_groups": dropped, "data/dynamic_extra_gen_s": seconds}

@@ -19,7 +19,8 @@ STEP_KEYS = (
     "step", "loss/total", "loss/pg", "loss/clipfrac_low", "loss/clipfrac_high", "loss/approx_kl",
     "loss/entropy", "reward/mean", "reward/std", "adv/std", "optim/grad_norm", "optim/lr",
     "perf/tokens_per_s", "perf/mem_gib", "time/wait_batch", "time/fwd_bwd", "time/sync",
-    "time/step",
+    "time/step", "data/dropped_groups", "data/stale_dropped_groups",
+    "data/dynamic_dropped_groups", "data/dynamic_extra_gen_s",
 )
 
 
@@ -72,10 +73,10 @@ class MetricsLogger:
         self._bar.set_postfix(reward=f"{row.get('reward/mean', float('nan')):.3f}")
         log.info(
             "step %d | reward %.3f | loss %.4f | clip %.3f/%.3f | kl %.4f | grad %.3f | "
-            "%.0f tok/s | sync %.2fs | step %.1fs",
+            "%.0f tok/s | wait %.2fs | sync %.2fs | step %.1fs",
             row["step"], row["reward/mean"], row["loss/total"], row["loss/clipfrac_low"],
             row["loss/clipfrac_high"], row["loss/approx_kl"], row["optim/grad_norm"],
-            row["perf/tokens_per_s"], row["time/sync"], row["time/step"],
+            row["perf/tokens_per_s"], row["time/wait_batch"], row["time/sync"], row["time/step"],
         )
 
     def _write_benchmark(self) -> None:

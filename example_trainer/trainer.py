@@ -25,6 +25,8 @@ from example_trainer.data import (
     MicroBatch,
     Rollout,
     collate,
+    dynamic_sampling,
+    fresh_groups,
     pack,
     rollouts_from_groups,
     staleness,
@@ -122,19 +124,28 @@ def apply_step(bridge: WeightBridge, optimizer: torch.optim.Optimizer, scheduler
 
 
 def next_rollouts(client: ApiClient, cfg: TrainConfig, step: int, vocab_size: int | None
-                  ) -> tuple[list[Rollout], int]:
-    """The rollouts of the next batch that has a usable group, and the groups dropped on the way
-    (a group this trainer cannot train on is logged and skipped, never a crash)."""
-    dropped = 0
+                  ) -> tuple[list[Rollout], dict[str, float]]:
+    """The rollouts of the next batch that has a usable, fresh enough group, and the counts of
+    the batches fetched for them: groups dropped here (one this trainer cannot train on is
+    logged and skipped, never a crash; one older than --max-staleness is skipped) and what the
+    environments' dynamic sampling dropped."""
+    counts: dict[str, float] = defaultdict(int)
     while True:
         batch = client.get_batch(cfg.batch_poll_timeout, steps_done=step - 1)
         groups, problems = usable_groups(batch, cfg.max_token_len, vocab_size)
         for problem in problems:
             log.warning("dropped %s", problem)
-        dropped += len(problems)
-        if groups:
-            return rollouts_from_groups(groups, cfg.scale_advantages), dropped
-        log.warning("no usable group in a batch of %d: fetching another", len(batch))
+        fresh, stale = fresh_groups(groups, step, cfg.max_staleness)
+        if stale:
+            log.info("step %d: dropped %d groups more than --max-staleness %d steps old", step,
+                     stale, cfg.max_staleness)
+        for k, v in {"data/dropped_groups": len(problems), "data/stale_dropped_groups": stale,
+                     **dynamic_sampling(groups)}.items():
+            counts[k] += v
+        if fresh:
+            return rollouts_from_groups(fresh, cfg.scale_advantages), dict(counts)
+        log.warning("no usable, fresh enough group in a batch of %d: fetching another",
+                    len(batch))
 
 
 def _seed(seed: int) -> None:
@@ -181,7 +192,7 @@ def train(cfg: TrainConfig, bridge: WeightBridge | None = None) -> list[dict[str
         skipped = 0  # steps whose loss or gradient was not finite (nothing written)
         for step in range(start + 1, cfg.training_steps + 1):
             t_step = time.monotonic()
-            rollouts, dropped = next_rollouts(client, cfg, step, vocab_size)
+            rollouts, data_counts = next_rollouts(client, cfg, step, vocab_size)
             t_batch = time.monotonic() - t_step
             micro = [collate(m, pad_id) for m in
                      pack(rollouts, cfg.batch_size, cfg.micro_batch_tokens)]
@@ -216,7 +227,7 @@ def train(cfg: TrainConfig, bridge: WeightBridge | None = None) -> list[dict[str
                 "time/fwd_bwd": t_fwd_bwd,
                 "time/optim_step": t_fence or 0.0,
                 "optim/skipped_steps": skipped,
-                "data/dropped_groups": dropped,
+                **data_counts,
                 **staleness(rollouts, step),
                 **sync_metrics,
             }

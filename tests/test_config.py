@@ -61,3 +61,12 @@ def test_bad_values_name_the_flag(argv, needle):
 def test_bad_choice_is_rejected_by_argparse():
     with pytest.raises(SystemExit):
         parse_config(["--weight-bridge-mode", "nccl"])
+
+
+def test_max_staleness_default_zero_and_off():
+    # 4: the default env (max_batches_offpolicy 3) feeds a trainer-bound loop groups 3 steps
+    # behind, sometimes 4 (README, "Weight versions and staleness"); only older ones are dropped.
+    assert parse_config([]).max_staleness == 4
+    assert parse_config(["--max-staleness", "0"]).max_staleness == 0  # on-policy only
+    assert parse_config(["--max-staleness", "-1"]).max_staleness == -1  # off
+    assert "data/stale_dropped_groups" in build_parser().format_help().replace("\n", " ")

@@ -107,3 +107,77 @@ def test_staleness_from_the_versions_environments_put_in_overrides():
     assert staleness(rs, step=5) == {"data/staleness_mean": 5 / 3, "data/staleness_max": 3.0,
                                      "data/versioned_fraction": 0.75}
     assert staleness(rollouts_from_batch([group([4, 4])], 64, False), step=5) == {}
+
+
+def versioned(versions, **extra) -> dict:
+    """A two-sequence group whose sequences carry `versions` (None: no version)."""
+    g = group([4, 4])
+    g["overrides"] = [{} if v is None else {"weight_version": v} for v in versions]
+    return {**g, **extra}
+
+
+def test_fresh_groups_drop_those_whose_oldest_sequence_is_too_stale():
+    from example_trainer.data import fresh_groups
+
+    # Step 10 trains the weights of step 9: versions 9, 8, 7, 6 are 0, 1, 2, 3 steps behind.
+    batch = [versioned([9, 9]), versioned([9, 7]), versioned([9, 6]), versioned([None, None]),
+             versioned([None, 6]), versioned([12, 12])]  # 12: a server ahead (a resume)
+    groups, problems = usable_groups(batch, max_len=64)
+    assert not problems
+    oldest = [g.oldest_weight_version() for g in groups]
+    assert oldest == [9, 7, 6, None, 6, 12]
+
+    def kept(max_staleness: int) -> tuple[list, int]:
+        fresh, dropped = fresh_groups(groups, step=10, max_staleness=max_staleness)
+        return [oldest[groups.index(g)] for g in fresh], dropped
+
+    assert kept(2) == ([9, 7, None, 12], 2)  # lag 3 (either sequence) is dropped
+    assert kept(3) == ([9, 7, 6, None, 6, 12], 0)
+    assert kept(0) == ([9, None, 12], 3)  # on-policy only
+    assert kept(-1) == ([9, 7, 6, None, 6, 12], 0)  # off
+
+
+def test_dynamic_sampling_counts_are_summed_from_group_overrides():
+    from example_trainer.data import dynamic_sampling
+
+    batch = [group([4, 4], scores=[1.0, 0.0]) for _ in range(4)]
+    batch[0]["group_overrides"] = {"dynamic_sampling_dropped_groups": 3,
+                                   "dynamic_sampling_dropped_s": 1.5}
+    batch[1]["group_overrides"] = {"dynamic_sampling_dropped_groups": 2,
+                                   "dynamic_sampling_dropped_s": 0.25, "other": "kept"}
+    batch[2]["group_overrides"] = {"dynamic_sampling_dropped_groups": "9",  # not an int: ignored
+                                   "dynamic_sampling_dropped_s": -4.0}  # negative: ignored
+    groups, _ = usable_groups(batch, max_len=64)
+    assert dynamic_sampling(groups) == {"data/dynamic_dropped_groups": 5,
+                                        "data/dynamic_extra_gen_s": 1.75}
+    assert dynamic_sampling(groups[3:]) == {"data/dynamic_dropped_groups": 0,
+                                            "data/dynamic_extra_gen_s": 0.0}
+
+
+class CannedBatches:
+    """Stands in for the API client: hands out the given batches, one per get_batch."""
+
+    def __init__(self, *batches: list[dict]) -> None:
+        self.batches = list(batches)
+
+    def get_batch(self, timeout_s: float, steps_done: int) -> list[dict]:
+        return self.batches.pop(0)
+
+
+def test_next_rollouts_skips_stale_batches_and_counts_every_drop():
+    from example_trainer.config import parse_config
+    from example_trainer.trainer import next_rollouts
+
+    cfg = parse_config(["--max-staleness", "1", "--max-token-len", "64"])
+    bad = versioned([5, 5])
+    bad["scores"] = [0.0]  # malformed: one score for two sequences
+    dyn = {"dynamic_sampling_dropped_groups": 2, "dynamic_sampling_dropped_s": 0.5}
+    client = CannedBatches(
+        [versioned([3, 3], group_overrides=dyn), versioned([2, 4])],  # all stale at step 6
+        [bad, versioned([4, 5], group_overrides=dyn), versioned([5, 5]), versioned([None, None])],
+    )
+    rollouts, counts = next_rollouts(client, cfg, step=6, vocab_size=None)
+    assert not client.batches  # both batches fetched
+    assert [r.weight_version for r in rollouts] == [4, 5, 5, 5, None, None]
+    assert counts == {"data/dropped_groups": 1, "data/stale_dropped_groups": 2,
+                      "data/dynamic_dropped_groups": 4, "data/dynamic_extra_gen_s": 1.0}
