@@ -60,9 +60,13 @@ class TrainConfig:
                          "weights = their rounding; adamw_kahan: torch-optimi AdamW with Kahan "
                          "summation (bf16 state + compensation); apollo_mini / apollo: APOLLO "
                          "(arXiv 2412.05270), rank-1 / rank-r projected moments, ~no state "
-                         "beyond a bf16 Kahan buffer (example_trainer/apollo.py)",
-                         choices=("adamw", "adamw_fp32_master", "adamw_kahan", "apollo_mini",
-                                  "apollo"))
+                         "beyond a bf16 Kahan buffer (example_trainer/apollo.py); adamw_8bit / "
+                         "adamw_4bit: torchao AdamW8bit / AdamW4bit, block-quantized moments "
+                         "(~2 / ~1 bytes/param), bf16 weights stochastically rounded; its step "
+                         "is torch.compile'd per parameter shape on first use (pip install "
+                         "torchao)",
+                         choices=("adamw", "adamw_fp32_master", "adamw_kahan", "adamw_8bit",
+                                  "adamw_4bit", "apollo_mini", "apollo"))
     apollo_rank: int = opt(256, "--optimizer apollo: rank of the random projection")
     apollo_update_gap: int = opt(200, "APOLLO: steps between new random projections")
     seed: int = opt(0, "random seed (torch, python)")
