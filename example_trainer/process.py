@@ -14,7 +14,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,7 +39,20 @@ class ProcessDied(RuntimeError):
     pass
 
 
+def _in_finalizer(frame) -> bool:
+    """Python ignores an exception raised in a finalizer (a __del__ or weakref.finalize callback,
+    run wherever the garbage collector strikes): a KeyboardInterrupt there would be lost."""
+    while frame is not None:
+        if frame.f_code is weakref.finalize.__call__.__code__ or frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _raise_interrupt(signum, frame) -> None:
+    if _in_finalizer(frame):  # deliver it again once the finalizer is done
+        threading.Timer(0.1, os.kill, (os.getpid(), signum)).start()
+        return
     raise KeyboardInterrupt
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -189,3 +191,31 @@ def test_a_dead_child_is_reported_with_its_first_error_not_only_its_shutdown(tmp
     assert "ValueError: engine core died: the real cause" in message
     assert message.rstrip().endswith("[shutdown] step 59")
     assert len(message.splitlines()) < 70  # an excerpt, not the whole log
+
+
+SIGTERM_IN_A_FINALIZER = """
+import os, signal, sys, threading, time, weakref
+from example_trainer.process import raise_on_sigterm
+
+raise_on_sigterm()
+class Model: pass
+m = Model()
+weakref.finalize(m, time.sleep, 1.0)  # a finalizer that is running when SIGTERM comes
+threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+try:
+    del m  # the finalizer runs here, and SIGTERM lands inside it
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    sys.exit(0)  # the SIGTERM was lost
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_a_sigterm_that_lands_in_a_finalizer_is_not_lost():
+    """Python ignores exceptions raised in finalizers; the handler delivers it again after (CI
+    caught a trainer that ran on after a SIGTERM hit a weakref.finalize during model loading)."""
+    out = subprocess.run([sys.executable, "-c", SIGTERM_IN_A_FINALIZER], timeout=60,
+                         capture_output=True, text=True)
+    assert out.returncode == 130, out.stderr
