@@ -121,6 +121,21 @@ def test_low_bit_bf16_updates_track_fp32_in_expectation(name, fp32_reference):
     assert ((w - w0).abs() > 0).float().mean().item() > 0.8  # most weights moved (~90 %)
 
 
+@pytest.mark.parametrize("name", LOW_BIT)
+def test_low_bit_lr_follows_the_schedule(name):
+    """torchao keeps lr as a tensor and refuses a float; ours stays a float (the metrics log it)
+    that the warmup sets, and the step uses it: Adam's first step moves each weight by lr."""
+    cfg = TrainConfig(optimizer=name, lr=0.1, weight_decay=0.0, warmup_steps=4)
+    p = torch.nn.Parameter(initial())
+    opt, scheduler = make_optimizer(cfg, [p])
+    p.grad = grads(0)
+    opt.step()
+    scheduler.step()
+    assert (p.detach().float() - initial().float()).abs().mean().item() == pytest.approx(
+        0.1 / 4, rel=0.02)
+    assert isinstance(scheduler.get_last_lr()[0], float) and scheduler.get_last_lr()[0] == 0.05
+
+
 @pytest.mark.parametrize("name,bytes_per_value,block,book", [("adamw_8bit", 1, 256, 256),
                                                              ("adamw_4bit", 0.5, 128, 16)])
 def test_low_bit_state_bytes(name, bytes_per_value, block, book):
