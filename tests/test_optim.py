@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import sys
 
 import pytest
 import torch
@@ -159,6 +160,16 @@ def test_low_bit_state_bytes(name, bytes_per_value, block, book):
     loaded, _ = make_optimizer(cfg, [torch.nn.Parameter(norm.detach().clone())])
     loaded.load_state_dict(opt.state_dict())
     assert next(iter(loaded.state.values()))["exp_avg_sq"].dtype == torch.float32
+
+
+def test_low_bit_without_torchao_names_the_fix(monkeypatch):
+    from example_trainer import optim
+
+    monkeypatch.setitem(sys.modules, "torchao", None)  # what `import torchao` sees when absent
+    optim._torchao_adamw.cache_clear()
+    with pytest.raises(ImportError, match="pip install torchao"):
+        make_optimizer(TrainConfig(optimizer="adamw_8bit"), [torch.nn.Parameter(torch.zeros(4))])
+    optim._torchao_adamw.cache_clear()
 
 
 def test_every_config_choice_has_an_optimizer():
