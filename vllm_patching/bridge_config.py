@@ -102,6 +102,11 @@ def _start_ticks(pid: int) -> int | None:
     return int(fields[19])
 
 
+def pid_alive(pid: int) -> bool:
+    """pid runs (a zombie, killed but not yet reaped by its parent, does not)."""
+    return _start_ticks(pid) is not None
+
+
 def process_identity() -> dict[str, Any]:
     """Who wrote the config: pid + start time tell a live writer from a reused pid."""
     pid = os.getpid()

@@ -1,41 +1,22 @@
 """The in-process fence: vLLM's forward passes and the trainer's optimizer writes take turns on
-the one copy of the weights, with no HTTP and no sleep on the path.
+the one copy of the weights, with no HTTP and no sleep on the path. The protocol and why no
+forward pass reads a half-written step: README.md, "The fence, and --hogwild".
 
 Objects, created by the worker at export and named in the bridge config's "fence" section:
-- turnstile T and mutex M: named POSIX semaphores (`sem_open`), value 1, any process opens them
-  by name. An uncontended acquire+release costs ~0.1 us.
-- a 128-byte shared memory block: the weight version (int64, the trainer's step count), the
-  trainer's IPC event generation (int64), its cudaIpcEventHandle (64 bytes), and its pid and
-  what it holds: a worker or a next trainer blocked behind a writer that died inside the fence
-  (SIGKILL, OOM) releases its hold (_Objects.recover), so a crashed trainer wedges nothing.
-- on CUDA, two interprocess events: E_fwd (the worker's, handle in the config) and E_write
-  (the trainer's, handle in the block).
-
-Worker, around each forward pass (execute_model, through sample_tokens when it defers sampling):
-
-    T.acquire(); T.release()        # blocks while a trainer waits for or holds M
-    M.acquire(); stream.wait_event(E_write)
-    ... launch the forward ...
-    E_fwd.record(); M.release()
-
-Trainer, around optimizer.step():
-
-    T.acquire(); M.acquire(); stream.wait_event(E_fwd)
-    ... launch the write ...
-    E_write.record(); version += 1; M.release(); T.release()
-
-Why no forward pass reads a half-written step: M makes the host-side windows disjoint, so every
-forward is launched either wholly before or wholly after a write's window. A forward launched
-after waits on E_write, recorded after the last write kernel, so the GPU runs it after the whole
-step; a write launched after waits on E_fwd, recorded after the last forward launched before it
-(and, by stream order, after every earlier one), so it cannot overwrite weights a forward still
-reads. On the CPU a forward is synchronous and M alone orders them. The trainer waits at most for
-the one forward being launched; the turnstile keeps a busy engine from starving it.
+- turnstile T and mutex M: named POSIX semaphores (`sem_open`, ~0.1 us uncontended); the worker
+  passes T and holds M around each forward pass, the trainer holds both around optimizer.step();
+- a 128-byte shared memory block: the weight version (the trainer's step count), the trainer's
+  IPC event generation and cudaIpcEventHandle, and its pid and what it holds: a worker or a next
+  trainer blocked behind a writer that died inside the fence (SIGKILL, OOM) releases its hold
+  (_Objects.recover), so a crashed trainer wedges nothing;
+- on CUDA, two interprocess events ordering the GPU work: E_fwd (the worker's, handle in the
+  config), recorded after each forward, and E_write (the trainer's), after each step.
 """
 
 from __future__ import annotations
 
 import _multiprocessing
+import base64
 import contextlib
 import logging
 import os
@@ -47,21 +28,14 @@ from collections.abc import Iterator
 from multiprocessing import shared_memory, synchronize
 from typing import Any
 
+from vllm_patching import bridge_config
+
 log = logging.getLogger("vllm.grpo_bridge")
 
 BLOCK_BYTES = 128
 VERSION, EVENT_GEN, EVENT_HANDLE, WRITER_PID, WRITER_PHASE = 0, 8, 16, 80, 88  # block offsets
 ACQUIRE_TIMEOUT_S = 60.0
 DEAD_WRITER_CHECK_S = 1.0  # how often a blocked party checks whether the writer died
-
-
-def _alive(pid: int) -> bool:
-    """pid runs (a zombie, killed but not yet reaped by its parent, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def _sem(name: str, create: bool) -> Any:
@@ -122,7 +96,7 @@ class _Objects:
             return False
         try:
             pid, phase = self.read(WRITER_PID), self.read(WRITER_PHASE)
-            if not pid or not phase or _alive(pid):
+            if not pid or not phase or bridge_config.pid_alive(pid):
                 return False
             log.warning("grpo_bridge: the trainer (pid %d) died inside the fence; releasing "
                         "its hold so that generation and the next trainer go on", pid)
@@ -152,7 +126,8 @@ class WorkerFence:
             import torch
 
             self.forward_event = torch.cuda.Event(interprocess=True)
-            self.section["forward_event_b64"] = _b64(self.forward_event.ipc_handle())
+            handle = self.forward_event.ipc_handle()
+            self.section["forward_event_b64"] = base64.b64encode(handle).decode()
             self.section["device_index"] = device.index or 0
 
     def unlink(self) -> None:
@@ -242,7 +217,7 @@ class TrainerFence:
             import torch
 
             self.forward_event = torch.cuda.Event.from_ipc_handle(
-                section["device_index"], _unb64(section["forward_event_b64"]))
+                section["device_index"], base64.b64decode(section["forward_event_b64"]))
             self.write_event = torch.cuda.Event(interprocess=True)
             handle = self.write_event.ipc_handle()
             self.objects.block.buf[EVENT_HANDLE:EVENT_HANDLE + len(handle)] = handle
@@ -303,18 +278,6 @@ class VersionReader:
 
     def __call__(self) -> int:
         return struct.unpack_from("<q", self.block.buf, VERSION)[0]
-
-
-def _b64(raw: bytes) -> str:
-    import base64
-
-    return base64.b64encode(raw).decode()
-
-
-def _unb64(text: str) -> bytes:
-    import base64
-
-    return base64.b64decode(text)
 
 
 def install(worker: Any, device: Any) -> dict[str, Any]:
