@@ -37,9 +37,12 @@ def save_model_folder(model: nn.Module, tokenizer, out: Path) -> Path:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, tokenizer,
-                    optimizer: torch.optim.Optimizer, scheduler, cfg: TrainConfig) -> Path:
-    final = run_dir / f"step_{step}"
-    tmp = run_dir / f".step_{step}.tmp"
+                    optimizer: torch.optim.Optimizer, scheduler, cfg: TrainConfig,
+                    name: str | None = None) -> Path:
+    """run_dir/<name or step_N>: written beside, then renamed into place."""
+    name = name or f"step_{step}"
+    final = run_dir / name
+    tmp = run_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model_folder(model, tokenizer, tmp / "model")

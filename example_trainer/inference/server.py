@@ -18,6 +18,8 @@ Our routes (vLLM's /v1/* and friends stay as they are):
   POST /bridge/notify_update {update_count, trainer_rank?, timestamp?}: the served weights'
                       version (the trainer's step), returned by /generate as weight_version
   GET  /health        200 only while the engine core answers (vLLM's checks only that it lives)
+  POST /train, GET /status/{job_id}, GET /train/status, POST /checkpoint, GET /checkpoints,
+  POST /checkpoint/restore: training inside the server (--enable-training; train_routes.py)
 
 Every body and query is validated at the door (requests.py, door.py): 422 names
 the problem (and, for unknown keys, what is accepted); what vLLM itself still refuses is a 400;
@@ -30,19 +32,27 @@ requests.py + door.py (parsing at the door), engine.py (pause lease, engine prob
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import signal
 from argparse import Namespace
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
 
-from example_trainer.inference import compat, door, routes
+from example_trainer.inference import compat, door, routes, train_routes
 from example_trainer.inference.engine import EngineProbe, GenerationPause, model_limits
 from example_trainer.inference.generate import generate
 from example_trainer.inference.state import ServerState
+from example_trainer.inference.training import TrainingService
 from example_trainer.machine import resolve_dtype
-from vllm_patching import plugin, worker_ext  # worker_ext: the shared_vllm weight export
+from example_trainer.optim import OPTIMIZERS
+from example_trainer.sft_worker import WorkerSettings
+
+# worker_ext: the shared_vllm weight export
+from vllm_patching import bridge_config, plugin, worker_ext
 
 log = logging.getLogger("example_trainer.vllm_api_server")
 
@@ -65,6 +75,7 @@ def attach_routes(app: FastAPI) -> None:
         ("POST", "/pause", routes.pause), ("POST", "/resume", routes.resume),
         ("GET", "/is_paused", routes.is_paused), ("GET", "/bridge/info", routes.bridge_info),
         ("GET", "/health", routes.health), ("POST", "/bridge/notify_update", routes.notify_update),
+        *train_routes.ROUTES,
     ):
         router.add_api_route(path, handler, methods=[method])
     app.include_router(router)
@@ -95,14 +106,37 @@ async def run_server(args: Namespace) -> None:
                                      probe=EngineProbe(engine_client),
                                      limits=model_limits(engine_client),
                                      fence_version=worker_ext.version_reader(exported))
+        if args.enable_training:
+            app.state.grpo.training = start_training(args, exported, engine_client)
         attach_routes(app)
         log.info("serving on %s (vLLM %s)", listen_address, compat.VLLM_VERSION)
         shutdown_task = await compat.serve_http(app, sock, **compat.serve_http_kwargs(args))
+        if app.state.grpo.training is not None:  # serving is over: stop it while vLLM is up
+            app.state.grpo.training.stop()
     # As in vLLM: wait for the HTTP server only once the engine context has exited.
     try:
         await shutdown_task
     finally:
         sock.close()
+
+
+def start_training(args: Namespace, exported: list[str], engine_client: Any) -> TrainingService:
+    """The training worker, attached to the weights this server just exported."""
+    if not exported:
+        raise RuntimeError("--enable-training needs the shared weights export, which did not "
+                           "happen (is --worker-extension-cls set to something else?)")
+    loop = asyncio.get_running_loop()
+
+    def reset_prefix_cache() -> None:  # called from the pump thread, never the event loop
+        asyncio.run_coroutine_threadsafe(engine_client.reset_prefix_cache(), loop).result(60)
+
+    host = "127.0.0.1" if args.host in (None, "", "0.0.0.0", "::") else args.host
+    settings = WorkerSettings(
+        model=args.model, dtype=args.dtype, vllm_url=f"http://{host}:{args.port}",
+        config_path=exported[0], training_dir=str(Path(args.training_dir).resolve()),
+        optimizer=args.training_optimizer, keep_checkpoints=args.training_keep_checkpoints,
+        max_model_len=engine_client.model_config.max_model_len, seed=args.seed or 0)
+    return TrainingService(settings, args.training_queue_size, reset_prefix_cache)
 
 
 def parse_args(argv: list[str] | None = None) -> Namespace:
@@ -111,10 +145,24 @@ def parse_args(argv: list[str] | None = None) -> Namespace:
     )
     parser.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
                         help="[grpo] 413 for a request body over this many bytes (any route)")
+    train = parser.add_argument_group("[grpo] training inside the server (POST /train)")
+    train.add_argument("--enable-training", action="store_true",
+                       help="start a training worker on the served weights (single copy: "
+                            "implies VLLM_ENABLE_SHARED_WEIGHTS=1)")
+    train.add_argument("--training-dir", default="training",
+                       help="checkpoints of in-server training (restored at start)")
+    train.add_argument("--training-optimizer", default="apollo_mini", choices=OPTIMIZERS,
+                       help="apollo_mini: near-zero optimizer state (see the README)")
+    train.add_argument("--training-queue-size", type=int, default=8,
+                       help="jobs that may wait; POST /train answers 429 past it")
+    train.add_argument("--training-keep-checkpoints", type=int, default=5,
+                       help="newest checkpoints kept (the current one always is)")
     vllm_gpu_mem_default = parser.get_default("gpu_memory_utilization")
     # None marks "not given", so the platform-dependent default below is never a silent override.
     parser.set_defaults(host=DEFAULT_HOST, port=DEFAULT_PORT, gpu_memory_utilization=None)
     args = parser.parse_args(argv)
+    if args.enable_training:
+        os.environ[bridge_config.ENV_ENABLE] = "1"  # before vLLM starts: children inherit it
     worker_ext.configure_server_args(args)
     if args.dtype == "auto":
         # NOTE: vLLM's auto is the checkpoint's dtype (bf16 for most models), which a CPU without

@@ -11,6 +11,7 @@ from vllm.lora.request import LoRARequest
 
 from example_trainer.inference.engine import EngineProbe, GenerationPause
 from example_trainer.inference.requests import ModelLimits
+from example_trainer.inference.training import TrainingService
 
 
 @dataclass
@@ -29,6 +30,8 @@ class ServerState:
     fence_version: Callable[[], int] | None = None
     # The trainer step whose weights are served, as POST /bridge/notify_update last said.
     weight_version: int | None = None
+    # In-server training (POST /train), with --enable-training.
+    training: TrainingService | None = None
 
 
 def state_of(request: Request) -> ServerState:
