@@ -15,7 +15,12 @@ import pytest
 import requests
 from transformers import AutoTokenizer
 
-from tests.helpers import PROMPT_IDS, start_vllm_server, vllm_prompt_logprobs
+from tests.helpers import (
+    PROMPT_IDS,
+    shared_memory_left,
+    start_vllm_server,
+    vllm_prompt_logprobs,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -37,6 +42,7 @@ def server(tiny_model, tmp_path_factory) -> Iterator[tuple[str, Path, list]]:
     wait_for(lambda: train_status(url)["worker"]["state"] == "idle", "the training worker")
     yield url, root, holder
     holder[0].stop()
+    assert shared_memory_left(root / "vllm_bridge_config.json") == []  # nothing left in RAM
 
 
 def wait_for(check, what: str, timeout_s: float = 300.0):
@@ -175,6 +181,7 @@ def test_a_restarted_server_serves_what_it_learned(server, tiny_model):
     steps = train_status(url)["worker"]["optimizer_steps"]
     served = vllm_prompt_logprobs(url, PROMPT_IDS)
     holder[0].stop()
+    assert shared_memory_left(root / "vllm_bridge_config.json") == []
     holder[0], url = start(tiny_model, root / "training", root / "vllm2.log")
     worker = wait_for(lambda: (w := train_status(url)["worker"])["state"] == "idle" and w,
                       "the training worker after a restart")

@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -232,21 +233,26 @@ def enable_in_vllm_processes() -> None:
         log.info("VLLM_PLUGINS=%r: added %s", allowed, PLUGIN_NAME)
 
 
-_release_registered = False
+_released: set[Path] = set()
 
 
-def release_shared_memory_at_exit() -> None:
+def release_shared_memory_at_exit(path: Path | None = None) -> None:
     """In the API server (the process that outlives vLLM's SIGKILLed tree): when it exits, free
-    the shared weights its worker exported (bridge_config.release)."""
-    global _release_registered
-    if _release_registered or not bridge_config.shared_weights_enabled():
+    the shared weights its worker exported (bridge_config.release). path: the config the worker
+    wrote (known after the export); None: the one the exporter will write, if written from now."""
+    since = 0.0
+    if path is None:
+        if not bridge_config.shared_weights_enabled():
+            return
+        path, since = bridge_config.output_path(), time.time()
+    path = Path(path).resolve()
+    if path in _released:
         return
-    path = bridge_config.output_path()
-    started = time.time()
+    _released.add(path)
 
     def release() -> None:
         try:  # only a config written since this server started can be its worker's
-            if path.stat().st_mtime < started:
+            if path.stat().st_mtime < since:
                 return
         except OSError:
             return
@@ -255,7 +261,6 @@ def release_shared_memory_at_exit() -> None:
                      freed / 2**20, path)
 
     atexit.register(release)
-    _release_registered = True
 
 
 def register() -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from vllm_patching import bridge_config
 from vllm_patching.fence import VersionReader
-from vllm_patching.plugin import install_patches
+from vllm_patching.plugin import install_patches, release_shared_memory_at_exit
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,10 @@ async def export_from_server(engine_client: Any, args: Namespace) -> list[str]:
         return []
     paths = [p for p in await engine_client.collective_rpc("export_shared_weights") if p]
     log.info("shared weights exported: %s", paths)
+    # The plugin registered this at load only if shared weights were on by then (not so when
+    # --enable-training turned them on after vLLM loaded the plugins).
+    for path in paths:
+        release_shared_memory_at_exit(Path(path))
     return paths
 
 
