@@ -207,8 +207,7 @@ def train(cfg: TrainConfig, bridge: WeightBridge | None = None) -> list[dict[str
                 t_fence = apply_step(bridge, optimizer, scheduler, step, total_loss, grad_norm)
                 skipped += t_fence is None
                 t_fwd_bwd = time.monotonic() - t0
-                sync_metrics = bridge.after_step(step)
-            bridge.publish_version(step)
+                sync_metrics = bridge.after_step(step)  # publishes the version if it synced
 
             scores = torch.tensor([r.score for r in rollouts])
             n_tokens = sum(len(r.tokens) for r in rollouts)

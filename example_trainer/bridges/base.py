@@ -20,8 +20,8 @@ class WeightBridge(ABC):
     build_model() -> the model to train, as this bridge needs it (loaded weights, LoRA-wrapped,
     or bound to vLLM's own memory), with its KL reference when --kl-coef asks for one;
     after_step(step) brings the update to inference and returns its metrics (at least
-    `time/sync`); publish_version(step) names the served weights; close() releases what the
-    bridge started.
+    `time/sync`) and, when the update reached the server, publishes its version (the loop
+    publishes the first one); close() releases what the bridge started.
     """
 
     def __init__(self, cfg: TrainConfig) -> None:
@@ -75,8 +75,9 @@ class WeightBridge(ABC):
         return self.client.paused()
 
     def publish_version(self, step: int) -> None:
-        """Tell the server which trainer step its weights now hold (after attach and after
-        every sync), so each generated sequence carries the version that produced it."""
+        """Tell the server which trainer step its weights now hold (at start, and from
+        after_step only when the update reached it: a bridge that syncs every k steps keeps
+        serving the older version in between), so each generated sequence carries it."""
         self.client.notify_update(step)
 
     def step_fence(self) -> contextlib.AbstractContextManager:

@@ -56,6 +56,7 @@ class LoraBridge(WeightBridge):
         t_save = time.monotonic() - t0
         self.client.load_lora(str(final.resolve()), f"step_{step}")
         t_total = time.monotonic() - t0
+        self.publish_version(step)
         self._prune()
         return {"time/sync": t_total, "sync/save_s": t_save, "sync/load_s": t_total - t_save}
 

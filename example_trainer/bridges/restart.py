@@ -61,6 +61,7 @@ class RestartBridge(WeightBridge):
         self.proc.stop()
         self.restarts += 1
         t_health = self._start(str(serving))
+        self.publish_version(step)
         # Keep only the folder vLLM now serves.
         for old in serving.parent.glob("step_*"):
             if old != serving:

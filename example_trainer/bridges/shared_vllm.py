@@ -173,6 +173,7 @@ class SharedVllmBridge(WeightBridge):
 
     def after_step(self, step: int) -> dict[str, float]:
         # No copy to make: the step already wrote vLLM's memory. The sync cost is the fence.
+        self.publish_version(step)
         m = dict(self._fence_metrics)
         m["time/sync"] = m.get("sync/pause_s", 0.0) + m.get("sync/resume_s", 0.0)
         return m
