@@ -111,9 +111,18 @@ class TrainConfig:
     wandb_group: str = opt("", "wandb group")
     benchmark: bool = opt(False, "at the end, log and write benchmark.json: median step, batch "
                           "wait, forward/backward, sync seconds and tokens/s")
-    # --- distributed (single process today; kept for CLI compatibility) ---
-    trainer_rank: int = opt(0, "rank of this trainer process")
-    world_size: int = opt(1, "number of trainer processes")
+    # --- distributed (data-parallel shared_vllm ranks under torchrun; issue 16) ---
+    trainer_rank: int = opt(0, "rank of this trainer process (set from torchrun's RANK when "
+                            "--world-size > 1)")
+    world_size: int = opt(1, "trainer ranks; > 1: start with `torchrun --nproc-per-node N` and "
+                          "--weight-bridge-mode shared_vllm, one vLLM replica per rank: local "
+                          "rank r trains the replica at --vllm-port + r whose bridge config is "
+                          "in <--vllm-config-path or $LOGDIR or /tmp/atropos_bridge>/rank<r>/ "
+                          "(start replica r with LOGDIR set to that folder); gradients are "
+                          "averaged over the ranks, rank 0 alone logs and saves")
+    replica_check_interval: int = opt(10, "--world-size > 1: compare the replicas' weight "
+                                      "checksums at start and every N steps, stop on a "
+                                      "mismatch (0 = never)")
     num_inference_nodes: int = opt(0, "inference nodes (env NUM_INFERENCE_NODES)",
                                    env="NUM_INFERENCE_NODES")
     logdir: str = opt("", "where the inference server writes its bridge config (env LOGDIR)",
@@ -146,15 +155,34 @@ def finalize(cfg: TrainConfig) -> TrainConfig:
         (cfg.clip_eps_high >= 0, "--clip-eps-high must be >= 0"),
         (cfg.vllm_restart_interval >= 1, "--vllm-restart-interval must be >= 1"),
         (cfg.lora_sync_interval >= 1, "--lora-sync-interval must be >= 1"),
-        (cfg.world_size == 1, "--world-size > 1 is not supported yet: run one trainer process"),
-        (cfg.trainer_rank == 0, "--trainer-rank must be 0 with one trainer process"),
+        (cfg.world_size >= 1, "--world-size must be >= 1"),
+        (cfg.world_size > 1 or cfg.trainer_rank == 0,
+         "--trainer-rank must be 0 with one trainer process"),
+        (cfg.replica_check_interval >= 0, "--replica-check-interval must be >= 0"),
         (cfg.num_inference_nodes <= 1, "NUM_INFERENCE_NODES > 1 is not supported yet: run one "
                                        "inference server on this node"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    if cfg.world_size > 1:
+        _join_ranks(cfg)
     return cfg
+
+
+def _join_ranks(cfg: TrainConfig) -> None:
+    """Data-parallel ranks: each one drives its own shared_vllm replica (issue 16)."""
+    from example_trainer.distributed import RankEnv, replica_config_dir, replica_port
+
+    if cfg.weight_bridge_mode != "shared_vllm":
+        raise ValueError(f"--world-size {cfg.world_size} needs --weight-bridge-mode shared_vllm "
+                         f"(one vLLM replica per rank); {cfg.weight_bridge_mode} runs one "
+                         "trainer process: pass --world-size 1")
+    env = RankEnv.from_env(cfg.world_size)
+    cfg.trainer_rank = env.rank
+    cfg.vllm_port = replica_port(cfg.vllm_port, env.local_rank)
+    cfg.vllm_config_path = replica_config_dir(cfg.vllm_config_path or cfg.logdir,
+                                              env.local_rank)
 
 
 def _flag(name: str) -> str:

@@ -32,6 +32,7 @@ from example_trainer.data import (
     staleness,
     usable_groups,
 )
+from example_trainer.distributed import make_rank_group
 from example_trainer.loss import LossInputs, StepTotals, make_loss_fn, token_entropy, token_logprobs
 from example_trainer.machine import device
 from example_trainer.metrics import MetricsLogger
@@ -164,9 +165,12 @@ def train(cfg: TrainConfig, bridge: WeightBridge | None = None) -> list[dict[str
     """Run cfg.training_steps optimizer steps; return the metric rows of the steps run here."""
     _seed(cfg.seed)
     run_dir = Path(cfg.save_path)
-    save_config(cfg, run_dir / "config.json")
+    ranks = make_rank_group(cfg.world_size, cfg.replica_check_interval)  # no-ops for one rank
+    if ranks.is_main:  # the run folder is shared: rank 0 alone writes it
+        save_config(cfg, run_dir / "config.json")
     bridge = bridge or make_bridge(cfg)
     rows: list[dict[str, float]] = []
+    metrics: MetricsLogger | None = None
     try:
         model, tokenizer = load_model(cfg, bridge)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -186,7 +190,9 @@ def train(cfg: TrainConfig, bridge: WeightBridge | None = None) -> list[dict[str
         # the first /batch follows at once (atroposlib's run-api waits for it to admit envs)
         vocab_size = getattr(model.config, "vocab_size", None)
         client.register(cfg, starting_step=start, vocab_size=vocab_size)
-        metrics = MetricsLogger(cfg, run_dir, first_step=start)
+        if ranks.is_main:
+            metrics = MetricsLogger(cfg, run_dir, first_step=start)
+        ranks.check(model, start)  # every rank attached the same weights?
         bridge.publish_version(start)  # generation reports which weights served it
 
         skipped = 0  # steps whose loss or gradient was not finite (nothing written)
@@ -203,11 +209,13 @@ def train(cfg: TrainConfig, bridge: WeightBridge | None = None) -> list[dict[str
             with bridge.generation_gate():
                 optimizer.zero_grad(set_to_none=True)
                 total_loss, sums = forward_backward(model, micro, loss_fn, ref_fn, totals)
+                ranks.reduce_gradients(params)  # every replica takes the same step
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
                 t_fence = apply_step(bridge, optimizer, scheduler, step, total_loss, grad_norm)
                 skipped += t_fence is None
                 t_fwd_bwd = time.monotonic() - t0
                 sync_metrics = bridge.after_step(step)  # publishes the version if it synced
+            ranks.check(model, step)
 
             scores = torch.tensor([r.score for r in rollouts])
             n_tokens = sum(len(r.tokens) for r in rollouts)
@@ -231,14 +239,18 @@ def train(cfg: TrainConfig, bridge: WeightBridge | None = None) -> list[dict[str
                 **sync_metrics,
             }
             row["time/step"] = time.monotonic() - t_step
-            metrics.log_step(row)
+            if metrics is not None:
+                metrics.log_step(row)
             rows.append(row)
 
-            if step == cfg.training_steps or (cfg.save_interval and step % cfg.save_interval == 0):
+            if ranks.is_main and (step == cfg.training_steps
+                                  or (cfg.save_interval and step % cfg.save_interval == 0)):
                 save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, cfg)
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
     finally:
         bridge.close()
+        ranks.close()
     return rows
 
 
