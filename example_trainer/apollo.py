@@ -26,6 +26,9 @@ from torch import Tensor, nn
 
 EMBEDDING_ASPECT = 8.0
 NORM_GROWTH_LIMIT = 1.01
+# Elements per slice of an element-wise (AdamW) update: a 128256 x 4096 embedding done at once
+# would hold ~8 fp32 temporaries of 2 GiB each, more than the rest of an 8B step's headroom.
+SLICE = 2**25
 
 
 def is_projected(p: Tensor) -> bool:
@@ -68,21 +71,21 @@ class Apollo(torch.optim.Optimizer):
             group["seed"] * 1_000_003 + state["index"] * 7919 + refresh)
         return torch.randn(group["rank"], m, generator=gen, device=device) / group["rank"] ** 0.5
 
-    def _adam(self, x: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
+    @staticmethod
+    def _adam(x: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, t: int, group: dict[str, Any]
+              ) -> Tensor:
         beta1, beta2 = group["betas"]
-        state["exp_avg"].lerp_(x, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(x, x, value=1 - beta2)
-        t = state["step"]
-        m_hat = state["exp_avg"] / (1 - beta1**t)
-        v_hat = state["exp_avg_sq"] / (1 - beta2**t)
-        return m_hat / (v_hat.sqrt() + group["eps"])
+        exp_avg.lerp_(x, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(x, x, value=1 - beta2)
+        v_hat = exp_avg_sq / (1 - beta2**t)
+        return (exp_avg / (1 - beta1**t)).div_(v_hat.sqrt_().add_(group["eps"]))
 
     def _apollo_update(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]
                        ) -> Tensor:
         g = self._oriented(grad)
         proj = self._projection(group, state, g.shape[0], g.device)
         r = proj @ g
-        r_tilde = self._adam(r, state, group)
+        r_tilde = self._adam(r, state["exp_avg"], state["exp_avg_sq"], state["step"], group)
         if group["rank"] == 1:  # APOLLO-Mini: one factor for the tensor
             s = r_tilde.norm() / r.norm().clamp_min(1e-30)
         else:  # APOLLO: one factor per column of the projected space
@@ -97,9 +100,8 @@ class Apollo(torch.optim.Optimizer):
         return update if grad.shape[0] <= grad.shape[1] else update.T
 
     @staticmethod
-    def _write(p: Tensor, delta: Tensor, state: dict[str, Any]) -> None:
+    def _write(p: Tensor, delta: Tensor, comp: Tensor | None) -> None:
         """p += delta; in bf16 through Kahan compensation (the rounding error is carried)."""
-        comp = state.get("comp")
         if comp is None:
             p.add_(delta)
             return
@@ -120,14 +122,32 @@ class Apollo(torch.optim.Optimizer):
                     continue
                 state = self._state(p, index, group)
                 state["step"] += 1
-                grad = p.grad.float()
                 if is_projected(p):
-                    update = self._apollo_update(grad, state, group)
+                    update = self._apollo_update(p.grad.float(), state, group)
+                    self._apply(p, update, state.get("comp"), group)
                 else:
-                    update = self._adam(grad, state, group)
-                delta = -group["lr"] * (update + group["weight_decay"] * p.float())
-                self._write(p, delta, state)
+                    self._elementwise(p, state, group)
         return loss
+
+    def _apply(self, p: Tensor, update: Tensor, comp: Tensor | None, group: dict[str, Any]
+               ) -> None:
+        self._write(p, -group["lr"] * (update + group["weight_decay"] * p.float()), comp)
+
+    def _elementwise(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """AdamW element by element (embeddings, lm_head, vectors), in slices of SLICE elements
+        (the same numbers as all at once: nothing here mixes elements)."""
+        names = ("exp_avg", "exp_avg_sq", "comp")
+        tensors = [p, p.grad, *(state[k] for k in names if k in state)]
+        if not all(t.is_contiguous() for t in tensors):  # views we cannot flatten: at once
+            return self._apply(p, self._adam(p.grad.float(), state["exp_avg"],
+                                             state["exp_avg_sq"], state["step"], group),
+                               state.get("comp"), group)
+        flat_p, flat_g, m, v, *comp = (t.view(-1) for t in tensors)
+        for i in range(0, flat_p.numel(), SLICE):
+            s = slice(i, i + SLICE)
+            update = self._adam(flat_g[s].float(), m[s], v[s], state["step"], group)
+            self._apply(flat_p[s], update, comp[0][s] if comp else None, group)
+        return None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # NOTE: Optimizer.load_state_dict casts floating state to the parameter's dtype: the fp32

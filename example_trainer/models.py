@@ -137,6 +137,21 @@ BUILDERS = {"smollm2": smollm2_path, "tiny": tiny_llama_path,
             "llama3-8b-shape": llama3_8b_shape_path}
 
 
+def load_causal_lm(path: str, dtype, device):
+    """The HF model of `path` on `device`; a folder with a config and no weights (a shape such
+    as llama3-8b-shape) gets random weights built on the device, as vLLM's --load-format dummy
+    does, so memory and speed can be measured without downloading a checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(path)
+    if folder.is_dir() and not any(folder.glob("*.safetensors")) and not any(
+            folder.glob("*.bin")):
+        log.warning("%s has no weights: random weights (a shape model, for benchmarks)", path)
+        with device:
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+
+
 def resolve_model(name: str) -> str:
     """Map the aliases (smollm2, tiny, llama3-8b-shape) to their local folders; pass anything
     else through."""

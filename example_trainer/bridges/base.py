@@ -11,7 +11,7 @@ from torch import nn
 from example_trainer.config import TrainConfig
 from example_trainer.inference.client import VllmClient
 from example_trainer.machine import device, torch_dtype
-from example_trainer.models import resolve_model
+from example_trainer.models import load_causal_lm, resolve_model
 
 
 class WeightBridge(ABC):
@@ -42,10 +42,8 @@ class WeightBridge(ABC):
 
     def initial_model(self) -> nn.Module:
         """The HF model before attach(): the checkpoint's weights on the training device."""
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(
-            resolve_model(self.cfg.model_name), dtype=torch_dtype(self.cfg.dtype)).to(device())
+        return load_causal_lm(resolve_model(self.cfg.model_name), torch_dtype(self.cfg.dtype),
+                              device())
 
     def reference_model(self) -> nn.Module | None:
         """The frozen reference for the KL term. NOTE: a second copy of the weights, in trainer
