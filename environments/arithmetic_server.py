@@ -1,5 +1,6 @@
 """Generated arithmetic: "What is a + b? Answer with the number only.", reward 1.0 when the last
-integer of the completion equals the answer.
+integer of the completion equals the answer. `--env.operands 3` asks "a + b + c" instead (a
+different problem family on the same prompt, e.g. to test transfer after training on two).
 
     python -m environments.arithmetic_server serve --env.difficulty 2 --env.ops + \
         --env.rollout_server_url http://localhost:8000 --openai.base_url http://localhost:9001
@@ -13,6 +14,7 @@ so training and evaluation are disjoint by construction, and --env.eval_seed pic
 
 from __future__ import annotations
 
+import functools
 import operator
 import random
 import re
@@ -41,19 +43,26 @@ class Problem:
     a: int
     op: str
     b: int
+    c: int | None = None  # a third operand, same operator: "a op b op c", left to right
+
+    @property
+    def operands(self) -> tuple[int, ...]:
+        return (self.a, self.b) if self.c is None else (self.a, self.b, self.c)
 
     @property
     def answer(self) -> int:
-        return OPS[self.op](self.a, self.b)
+        return functools.reduce(OPS[self.op], self.operands)
 
     @property
     def question(self) -> str:
-        return f"What is {self.a} {self.op} {self.b}? Answer with the number only."
+        expr = f" {self.op} ".join(map(str, self.operands))
+        return f"What is {expr}? Answer with the number only."
 
 
 def is_held_out(problem: Problem) -> bool:
-    """Stable across processes and Python versions (crc32, not hash())."""
-    key = f"{problem.a}{problem.op}{problem.b}".encode()
+    """Stable across processes and Python versions (crc32, not hash()); two-operand keys are
+    those of before three-operand problems existed, so their held-out slice is unchanged."""
+    key = problem.op.join(map(str, problem.operands)).encode()
     return zlib.crc32(key) % HELD_OUT_EVERY == 0
 
 
@@ -62,33 +71,37 @@ def operand_range(digits: int) -> tuple[int, int]:
     return (0, 9) if digits == 1 else (10 ** (digits - 1), 10**digits - 1)
 
 
-def sample_problem(rng: random.Random, digits: int, ops: str) -> Problem:
+def sample_problem(rng: random.Random, digits: int, ops: str, operands: int = 2) -> Problem:
     lo, hi = operand_range(digits)
-    return Problem(rng.randint(lo, hi), rng.choice(ops), rng.randint(lo, hi))
+    a, op, b = rng.randint(lo, hi), rng.choice(ops), rng.randint(lo, hi)
+    return Problem(a, op, b, rng.randint(lo, hi) if operands == 3 else None)
 
 
-def training_problems(seed: int, digits: int = 2, ops: str = "+") -> Iterator[Problem]:
+def training_problems(seed: int, digits: int = 2, ops: str = "+", operands: int = 2
+                      ) -> Iterator[Problem]:
     """An endless, seed-determined stream of problems outside the held-out slice."""
     rng = random.Random(seed)
     while True:
-        problem = sample_problem(rng, digits, ops)
+        problem = sample_problem(rng, digits, ops, operands)
         if not is_held_out(problem):
             yield problem
 
 
-def make_eval_set(n: int, digits: int = 2, ops: str = "+", seed: int = 1234) -> list[Problem]:
+def make_eval_set(n: int, digits: int = 2, ops: str = "+", seed: int = 1234, operands: int = 2
+                  ) -> list[Problem]:
     """`n` distinct held-out problems (fewer if the held-out slice is smaller), seed-determined."""
     rng = random.Random(seed)
     lo, hi = operand_range(digits)
-    space = (hi - lo + 1) ** 2 * len(ops)
+    space = (hi - lo + 1) ** operands * len(ops)
     if space <= ENUMERATE_LIMIT:
+        thirds = range(lo, hi + 1) if operands == 3 else (None,)
         pool = [p for op in ops for a in range(lo, hi + 1) for b in range(lo, hi + 1)
-                if is_held_out(p := Problem(a, op, b))]
+                for c in thirds if is_held_out(p := Problem(a, op, b, c))]
         rng.shuffle(pool)
         return pool[:n]
     chosen: dict[Problem, None] = {}  # insertion-ordered set
     while len(chosen) < n:
-        problem = sample_problem(rng, digits, ops)
+        problem = sample_problem(rng, digits, ops, operands)
         if is_held_out(problem):
             chosen[problem] = None
     return list(chosen)
@@ -116,6 +129,7 @@ class ArithmeticEnvConfig(BaseEnvConfig):
         32, "max completion tokens; -1: whatever max_token_length leaves")
     difficulty: int = config_field(2, "digits of each operand (1: 0..9, 2: 10..99, ...)")
     ops: str = config_field("+", "operators to draw from: any of + and *, e.g. '+' or '+*'")
+    operands: int = config_field(2, "numbers per problem: 2 ('a + b') or 3 ('a + b + c')")
     eval_limit: int = config_field(200, "held-out problems for the evaluate subcommand")
     eval_seed: int = config_field(
         1234, "which held-out problems the eval set uses (fixed: compare runs)")
@@ -125,6 +139,8 @@ class ArithmeticEnvConfig(BaseEnvConfig):
             raise ValueError(f"--env.ops must use only {sorted(OPS)}, got {self.ops!r}")
         if self.difficulty < 1:
             raise ValueError(f"--env.difficulty must be >= 1, got {self.difficulty}")
+        if self.operands not in (2, 3):
+            raise ValueError(f"--env.operands must be 2 or 3, got {self.operands}")
 
 
 class ArithmeticEnv(BaseEnv):
@@ -134,14 +150,14 @@ class ArithmeticEnv(BaseEnv):
 
     def setup(self) -> None:
         c = self.config
-        self._problems = training_problems(c.seed, c.difficulty, c.ops)
+        self._problems = training_problems(c.seed, c.difficulty, c.ops, c.operands)
 
     def next_item(self) -> Problem:
         return next(self._problems)
 
     def eval_items(self) -> list[Problem]:
         c = self.config
-        return make_eval_set(c.eval_limit, c.difficulty, c.ops, c.eval_seed)
+        return make_eval_set(c.eval_limit, c.difficulty, c.ops, c.eval_seed, c.operands)
 
     def messages(self, item: Problem) -> list[dict[str, str]]:
         return [{"role": "user", "content": item.question}]
