@@ -3,9 +3,14 @@ weights) + the arithmetic environment + `grpo.py --weight-bridge-mode shared_vll
 accuracy on held-out problems before and after, and the reward of every step.
 
     python benchmarks/e2e_shared_vllm.py --steps 25 [--optimizer adamw_fp32_master] [--lr 1e-5]
+        [--trainer-args "--loss-aggregation dr-grpo"] [--env-args "--env.group_size 16"]
+        [--seed 1] [--transfer]
 
 Writes benchmarks/results/e2e_shared_vllm_<device>.json (or --out). Every process is stopped by
-its pid on exit.
+its pid on exit. --trainer-args / --env-args are passed through to grpo.py / the arithmetic env
+after this script's own flags (so they win); each step stays 64 sequences whatever the group
+size. --transfer also scores greedy accuracy on three-operand sums ("a + b + c", held out the
+same way), before and after training: did it learn to add, or only the two-operand format?
 """
 
 from __future__ import annotations
@@ -30,10 +35,19 @@ from example_trainer.process import ManagedProcess, free_port, raise_on_sigterm 
 log = logging.getLogger("e2e_shared_vllm")
 
 
-def accuracy(vllm_url: str, model: str, n: int) -> float:
+# The per-step keys kept in the result; the optional ones only where the trainer logged them
+# (staleness needs versioned rollouts, the dynamic-sampling counts come with that flag).
+STEP_KEYS = ("step", "reward/mean", "loss/total", "optim/grad_norm", "time/sync", "sync/stall_s",
+             "time/step")
+OPTIONAL_STEP_KEYS = ("optim/lr", "data/dropped_groups", "data/stale_dropped_groups",
+                      "data/staleness_mean", "data/staleness_max", "data/dynamic_dropped_groups",
+                      "data/dynamic_extra_gen_s")
+
+
+def accuracy(vllm_url: str, model: str, n: int, **env_fields) -> float:
     from environments.arithmetic_server import greedy_accuracy
 
-    return float(greedy_accuracy(vllm_url, n=n, tokenizer_name=model)["accuracy"])
+    return float(greedy_accuracy(vllm_url, n=n, tokenizer_name=model, **env_fields)["accuracy"])
 
 
 def start_stack(args: argparse.Namespace, run: Path, model: str
@@ -59,13 +73,15 @@ def train(args: argparse.Namespace, run: Path, model: str, api_url: str, vllm_ur
         "--training-steps", str(args.steps), "--lr", str(args.lr), "--optimizer",
         args.optimizer, "--dtype", args.dtype, "--batch-size", "64", "--max-token-len", "512",
         "--save-path", str(run / "trainer"), "--vllm-config-path", str(run),
+        "--seed", str(args.seed), *args.trainer_args.split(),
     ], run / "trainer.log", env={"LOGDIR": str(run)})
     procs.append(trainer)
     procs.append(ManagedProcess.python("env", [
         "-m", "environments.arithmetic_server", "serve", "--env.rollout_server_url", api_url,
         "--env.tokenizer_name", model, "--env.group_size", "8", "--env.total_steps", "-1",
         "--env.max_new_tokens", "32", "--env.difficulty", "2", "--openai.base_url", vllm_url,
-        "--openai.server_type", "vllm", "--openai.model_name", model], run / "env.log"))
+        "--openai.server_type", "vllm", "--openai.model_name", model, "--env.seed",
+        str(args.seed), *args.env_args.split()], run / "env.log"))
     deadline = time.monotonic() + args.timeout
     while trainer.alive():
         dead = [p for p in procs if not p.alive() and p is not trainer]
@@ -92,6 +108,16 @@ def main() -> None:
     # The GPU tests' server flags: a warm torch.compile cache on the same machine then applies.
     parser.add_argument("--vllm-args", default="--gpu-memory-utilization 0.3 "
                         "--max-model-len 1024")
+    parser.add_argument("--trainer-args", default="",
+                        help="extra grpo.py flags, one string (after ours: they win)")
+    parser.add_argument("--env-args", default="",
+                        help="extra arithmetic env flags, one string, e.g. '--env.group_size 16 "
+                        "--env.temperature 1.2 --env.dynamic_sampling true'")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="trainer seed and the env's training-problem order (the held-out "
+                        "problems stay the same)")
+    parser.add_argument("--transfer", action="store_true",
+                        help="also score three-operand sums before and after training")
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--run-dir", type=Path, default=Path("runs") / "e2e_shared_vllm")
     parser.add_argument("--out", type=Path)
@@ -103,26 +129,35 @@ def main() -> None:
     model = resolve_model(args.model)
     args.run_dir.mkdir(parents=True, exist_ok=True)
     procs, api_url, vllm_url = start_stack(args, args.run_dir, model)
+    transfer = args.transfer and args.eval > 0
     try:
         before = accuracy(vllm_url, model, args.eval) if args.eval else None
+        transfer_before = accuracy(vllm_url, model, args.eval, operands=3) if transfer else None
         seconds = train(args, args.run_dir, model, api_url, vllm_url, procs)
         after = accuracy(vllm_url, model, args.eval) if args.eval else None
+        transfer_after = accuracy(vllm_url, model, args.eval, operands=3) if transfer else None
     finally:
         for proc in reversed(procs):
             proc.stop()
     rows = [json.loads(line) for line in
             (args.run_dir / "trainer" / "metrics.jsonl").read_text().splitlines()]
-    keys = ("step", "reward/mean", "loss/total", "optim/grad_norm", "time/sync", "sync/stall_s",
-            "time/step")
+    steps = [{k: r.get(k) for k in STEP_KEYS} | {k: r[k] for k in OPTIONAL_STEP_KEYS if k in r}
+             for r in rows]
     result = {"benchmark": "e2e_shared_vllm", "model": model, "args": vars(args) | {
         "run_dir": str(args.run_dir), "out": str(args.out)}, "machine": machine_info(),
         "train_seconds": seconds, "greedy_accuracy_before": before,
-        "greedy_accuracy_after": after, "steps": [{k: r.get(k) for k in keys} for r in rows]}
+        "greedy_accuracy_after": after, "steps": steps}
+    if transfer:
+        result["transfer"] = {"family": "three-operand sums (a + b + c, two-digit operands)",
+                              "greedy_accuracy_before": transfer_before,
+                              "greedy_accuracy_after": transfer_after}
     for r in result["steps"]:
         log.info("step %3d  reward %.3f  sync %.1f ms  stall %.1f ms  step %.2f s", r["step"],
                  r["reward/mean"], 1e3 * r["time/sync"], 1e3 * (r["sync/stall_s"] or 0),
                  r["time/step"])
     log.info("greedy accuracy %s -> %s; %d steps in %.0f s", before, after, len(rows), seconds)
+    if transfer:
+        log.info("transfer (a + b + c): greedy accuracy %s -> %s", transfer_before, transfer_after)
     out = args.out or ROOT / "benchmarks" / "results" / f"e2e_shared_vllm_{device_label()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
