@@ -50,18 +50,20 @@ def accuracy(vllm_url: str, model: str, n: int, **env_fields) -> float:
     return float(greedy_accuracy(vllm_url, n=n, tokenizer_name=model, **env_fields)["accuracy"])
 
 
-def start_stack(args: argparse.Namespace, run: Path, model: str
-                ) -> tuple[list[ManagedProcess], str, str]:
+def start_stack(args: argparse.Namespace, run: Path, model: str, procs: list[ManagedProcess]
+                ) -> tuple[str, str]:
+    """API and vLLM, appended to `procs` as they start (the caller stops them, also when a
+    start fails or a SIGTERM interrupts it)."""
     api_port, vllm_port = free_port(), free_port()
     api_url, vllm_url = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{vllm_port}"
-    procs = [ManagedProcess.python("api", ["-m", "environments.api_server", "--port",
-                                           str(api_port)], run / "api.log")]
+    procs.append(ManagedProcess.python("api", ["-m", "environments.api_server", "--port",
+                                               str(api_port)], run / "api.log"))
     procs.append(ManagedProcess.python(
         "vllm", server_args(model, vllm_port, args.vllm_args.split()), run / "vllm.log",
         env={"VLLM_ENABLE_SHARED_WEIGHTS": "1", "LOGDIR": str(run)}))
     procs[0].wait_healthy(f"{api_url}/status", 60)
     procs[1].wait_healthy(f"{vllm_url}/health", 900)
-    return procs, api_url, vllm_url
+    return api_url, vllm_url
 
 
 def train(args: argparse.Namespace, run: Path, model: str, api_url: str, vllm_url: str,
@@ -128,9 +130,10 @@ def main() -> None:
     raise_on_sigterm()  # a `timeout` must not orphan the servers started here
     model = resolve_model(args.model)
     args.run_dir.mkdir(parents=True, exist_ok=True)
-    procs, api_url, vllm_url = start_stack(args, args.run_dir, model)
     transfer = args.transfer and args.eval > 0
+    procs: list[ManagedProcess] = []
     try:
+        api_url, vllm_url = start_stack(args, args.run_dir, model, procs)
         before = accuracy(vllm_url, model, args.eval) if args.eval else None
         transfer_before = accuracy(vllm_url, model, args.eval, operands=3) if transfer else None
         seconds = train(args, args.run_dir, model, api_url, vllm_url, procs)

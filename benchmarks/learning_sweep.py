@@ -220,7 +220,7 @@ def finish(run: Run, timed_out: bool) -> dict[str, Any]:
     seconds = time.monotonic() - run.started
     out = Path(run.proc.cmd[run.proc.cmd.index("--out") + 1])
     if timed_out:
-        run.proc.stop(timeout_s=90)  # e2e stops its own children on SIGTERM
+        run.proc.stop(timeout_s=150)  # e2e stops its own children on SIGTERM (<= 40 s each)
         return summarize_run(run, seconds, "timeout", None, run.proc.log_excerpt())
     run.proc.stop()
     if run.proc.popen.returncode == 0 and out.exists():
@@ -320,8 +320,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--eval", type=int, default=200, help="held-out problems (0: skip)")
     parser.add_argument("--parallel", type=int, default=4, help="stacks at once")
-    parser.add_argument("--vllm-args", default="--gpu-memory-utilization 0.08 --max-model-len "
-                        "1024 --enforce-eager", help="each stack's vLLM flags (its own share)")
+    # A fixed KV cache (2 GiB: ~90k tokens of SmolLM2-135M) skips vLLM's profiling, which reads
+    # whole-device free memory: stacks starting or stopping beside it would shrink its cache or
+    # trip its "free memory grew" assertion (vllm-project/vllm#55827, #56830).
+    parser.add_argument("--vllm-args", default="--gpu-memory-utilization 0.08 "
+                        "--kv-cache-memory-bytes 2147483648 --max-model-len 1024 --enforce-eager",
+                        help="each stack's vLLM flags (its own share)")
     parser.add_argument("--transfer", action="store_true",
                         help="also score three-operand sums before and after each run")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
@@ -330,8 +334,8 @@ def main() -> None:
                         "outlast it (by the median finished run), runs still going are stopped")
     parser.add_argument("--min-run-s", type=float, default=150.0,
                         help="--budget: time a run needs while none has finished yet")
-    parser.add_argument("--stagger", type=float, default=10.0,
-                        help="seconds between two stack starts (vLLM profiles free memory)")
+    parser.add_argument("--stagger", type=float, default=5.0,
+                        help="seconds between two stack starts (spreads their start-up CPU load)")
     parser.add_argument("--retries", type=int, default=1, help="re-runs of a failed run")
     parser.add_argument("--out", type=Path, default=Path("runs") / "learning_sweep",
                         help="per-run JSONs, logs and run folders")
