@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.sync_latency import _group_pids, device_label, machine_info  # noqa: E402
-from example_trainer.inference.manager import start_vllm  # noqa: E402
+from example_trainer.inference.manager import server_args  # noqa: E402
 from example_trainer.models import resolve_model  # noqa: E402
 from example_trainer.process import ManagedProcess, free_port, raise_on_sigterm  # noqa: E402
 
@@ -256,6 +256,28 @@ def run_config(args: argparse.Namespace, name: str, model: str, total_bytes: int
             "vllm_args": spec["vllm_args"]}
 
 
+def start_servers(args: argparse.Namespace, model: str, total: int, bridges: set[str]
+                  ) -> dict[str, tuple[ManagedProcess, int, Path]]:
+    """bridge -> (its server, port, folder of its log and bridge config), started at once."""
+    servers = {}
+    try:
+        for bridge in sorted(bridges):
+            port, folder = free_port(), args.run_dir / args.model / f"server_{bridge}"
+            extra = server_flags(args, model, total) + (
+                ["--enable-lora", "--max-lora-rank", "16"] if bridge == "lora_only" else [])
+            env = {"VLLM_ENABLE_SHARED_WEIGHTS": "1"} if bridge == "shared_vllm" else {}
+            proc = ManagedProcess.python(f"vllm-{bridge}", server_args(model, port, extra),
+                                         folder / "vllm.log", env={"LOGDIR": str(folder), **env})
+            servers[bridge] = (proc, port, folder)
+        for proc, port, _ in servers.values():
+            proc.wait_healthy(f"http://127.0.0.1:{port}/health", 900)
+    except BaseException:
+        for proc, _, _ in servers.values():
+            proc.stop()
+        raise
+    return servers
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -279,35 +301,34 @@ def main() -> None:
     raise_on_sigterm()  # a `timeout` must not orphan the servers started here
     total = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 0
     model = resolve_model(args.model)
+    names = args.configs.split(",")
     rows = []
-    server: ManagedProcess | None = None
-    kind = None  # the running server's flavour: shared weights, LoRA, or none
-    bridge_dir, port = args.run_dir, 0
+    # The servers the configurations need start together (a cold 8B start is minutes); each
+    # stops after its last configuration, before mode none starts its own. A row counts only
+    # its own processes: its server's and its trainer's.
+    servers = start_servers(args, model, total, {CONFIGS[n][0] for n in names} - {"none"})
     try:
-        for name in args.configs.split(","):
+        for name in names:
             bridge = CONFIGS[name][0]
             run_dir = args.run_dir / args.model / name
             run_dir.mkdir(parents=True, exist_ok=True)
-            if kind != bridge and server is not None:
-                server.stop()
-                server, kind = None, None
-            port = free_port() if server is None else port
-            if bridge != "none" and server is None:
-                extra = server_flags(args, model, total) + (
-                    ["--enable-lora", "--max-lora-rank", "16"] if bridge == "lora_only" else [])
-                env = {"VLLM_ENABLE_SHARED_WEIGHTS": "1"} if bridge == "shared_vllm" else {}
-                server, _ = start_vllm(model, port, run_dir / "vllm.log", extra, timeout_s=600,
-                                       env={"LOGDIR": str(run_dir), **env})
-                kind, bridge_dir = bridge, run_dir  # configs that follow share this server
+            server, port, bridge_dir = servers.get(bridge, (None, free_port(), run_dir))
             row = run_config(args, name, model, total, server, port, run_dir, bridge_dir)
             rows.append(row)
+            write(args, total, rows)  # each row as it comes: a killed run keeps what it measured
             log.info("%s: fits %s (%s), peak %.1f GiB, KV cache %s GiB, optimizer state %s, "
                      "step %s s", name, row["fits"], row["phase"], row["peak_device_gib"],
                      row["kv_cache_gib"], row.get("optimizer_state_bytes"),
                      row.get("median_step_s"))
+            if server is not None and all(CONFIGS[n][0] != bridge
+                                          for n in names[names.index(name) + 1:]):
+                server.stop()
     finally:
-        if server is not None:
+        for server, _, _ in servers.values():
             server.stop()
+
+
+def write(args: argparse.Namespace, total: int, rows: list[dict[str, Any]]) -> None:
     out = args.out or ROOT / "benchmarks" / "results" / f"memory_{device_label()}.json"
     merged = json.loads(out.read_text()) if out.exists() else {"benchmark": "memory"}
     merged |= {"machine": machine_info(), "device_total_bytes": total,
@@ -317,8 +338,9 @@ def main() -> None:
         "micro_batch": args.micro_batch, "completions": PROMPTS * GROUP,
         "new_tokens": NEW_TOKENS, "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(merged, indent=2))
-    log.info("wrote %s", out)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(merged, indent=2))
+    tmp.replace(out)
 
 
 if __name__ == "__main__":
