@@ -123,6 +123,10 @@ class TrainConfig:
     replica_check_interval: int = opt(10, "--world-size > 1: compare the replicas' weight "
                                       "checksums at start and every N steps, stop on a "
                                       "mismatch (0 = never)")
+    dist_backend: str = opt("auto", "--world-size > 1: torch.distributed backend; auto: nccl on "
+                            "CUDA, gloo on the CPU; gloo also lets ranks share one GPU (NCCL "
+                            "refuses two ranks on one device)", choices=("auto", "gloo", "nccl"),
+                            env="GRPO_DIST_BACKEND")
     num_inference_nodes: int = opt(0, "inference nodes (env NUM_INFERENCE_NODES)",
                                    env="NUM_INFERENCE_NODES")
     logdir: str = opt("", "where the inference server writes its bridge config (env LOGDIR)",
@@ -183,6 +187,30 @@ def _join_ranks(cfg: TrainConfig) -> None:
     cfg.vllm_port = replica_port(cfg.vllm_port, env.local_rank)
     cfg.vllm_config_path = replica_config_dir(cfg.vllm_config_path or cfg.logdir,
                                               env.local_rank)
+    _require_rank_config(cfg.vllm_config_path, env.local_rank)
+
+
+def _require_rank_config(folder: str, local_rank: int) -> None:
+    """A rank attaches to its own replica's config or stops: the bridge's search would otherwise
+    fall back to ./ and /tmp/atropos_bridge, where two ranks could attach to one replica (and
+    then train it twice per step without the checksum noticing)."""
+    from vllm_patching import bridge_config
+
+    path = Path(folder) / bridge_config.CONFIG_NAME
+    start = (f"start replica {local_rank} (port --vllm-port + {local_rank}) with "
+             f"LOGDIR={folder} and VLLM_ENABLE_SHARED_WEIGHTS=1, and wait for its /health before "
+             "starting the trainer ranks")
+    if not path.is_file():
+        raise FileNotFoundError(f"local rank {local_rank}: its replica's bridge config {path} is "
+                                f"not there (ranks never fall back to ./ or "
+                                f"{bridge_config.FALLBACK_DIR}): {start}")
+    try:
+        why = bridge_config.staleness(json.loads(path.read_text()).get("process") or {})
+    except (OSError, ValueError, AttributeError) as e:
+        why = f"it cannot be read ({e})"
+    if why is not None:
+        raise bridge_config.StaleBridgeConfig(f"local rank {local_rank}: its replica's bridge "
+                                              f"config {path} is stale: {why}: {start}")
 
 
 def _flag(name: str) -> str:

@@ -4,7 +4,8 @@ and the bucketing and name handling that a weight push to remote inference needs
 Each rank trains its own single-copy replica (its own vLLM, its own shared weights), so after the
 optimizer step the replicas must hold the same bits. That only holds if every rank applied the
 same gradient: hence the all-reduce before clipping, and a checksum every K steps that stops the
-run loudly rather than letting replicas drift apart. Tested with gloo on the CPU only.
+run loudly rather than letting replicas drift apart. Tested with gloo on the CPU; gloo also lets
+several ranks share one GPU (--dist-backend gloo), which NCCL refuses.
 """
 
 from __future__ import annotations
@@ -69,13 +70,35 @@ def replica_config_dir(root: str, local_rank: int) -> str:
     return os.path.join(root or "/tmp/atropos_bridge", f"rank{local_rank}")
 
 
-def init_process_group(env: RankEnv, timeout_s: float = 300.0) -> str:
-    """Join the group: gloo on the CPU, NCCL on CUDA. The timeout bounds the rendezvous and every
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+def resolve_backend(requested: str, local_rank: int) -> str:
+    """auto: NCCL on CUDA, gloo on the CPU. NCCL needs one GPU per rank (it refuses two ranks on
+    one device); gloo works on any device, so several ranks can share one GPU."""
+    if requested not in BACKENDS:
+        raise ValueError(f"--dist-backend {requested!r}: pick one of {', '.join(BACKENDS)}")
+    if requested == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if requested == "nccl":
+        if not torch.cuda.is_available():
+            raise ValueError("--dist-backend nccl needs CUDA, and this process sees no GPU: "
+                             "pass --dist-backend gloo (or auto)")
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"--dist-backend nccl needs one GPU per rank, but local rank "
+                             f"{local_rank} is beyond the {torch.cuda.device_count()} GPU(s) "
+                             "this process sees: start fewer ranks per node, or pass "
+                             "--dist-backend gloo to share GPUs between ranks")
+    return requested
+
+
+def init_process_group(env: RankEnv, timeout_s: float = 300.0, backend: str = "auto") -> str:
+    """Join the group (backend: see resolve_backend). The timeout bounds the rendezvous and every
     collective, so a rank that never arrives (or died) stops the others with an error instead of
     a hang."""
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(env.local_rank)
+    backend = resolve_backend(backend, env.local_rank)
+    if torch.cuda.is_available():  # gloo with more ranks than GPUs: ranks share GPUs round-robin
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
                             rank=env.rank, world_size=env.world_size,
                             timeout=timedelta(seconds=timeout_s))
@@ -115,9 +138,10 @@ def all_reduce_gradients(params: Sequence[nn.Parameter], bucket_bytes: int = 25 
 
     Flattening needs one dtype per buffer, so buckets are formed per dtype. A parameter without
     a gradient on this rank contributes zeros: every rank must issue the same collectives in the
-    same order, or they deadlock.
+    same order, or they deadlock. With gloo, CUDA buckets are staged through host memory.
     """
     world = dist.get_world_size()
+    stage = dist.get_backend() != "nccl"  # only NCCL reduces device tensors in place
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -130,6 +154,8 @@ def all_reduce_gradients(params: Sequence[nn.Parameter], bucket_bytes: int = 25 
         for b in bucket([_meta(str(i), g) for i, g in enumerate(grads)], bucket_bytes):
             chunk = [grads[int(m.name)] for m in b]
             flat = torch.cat([g.reshape(-1) for g in chunk])
+            if stage and flat.device.type != "cpu":
+                flat = flat.cpu()  # gloo: reduce a host copy (same bits on every rank)
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             flat.div_(world)
             for g, part in zip(chunk, flat.split([g.numel() for g in chunk]), strict=True):
@@ -192,11 +218,11 @@ class RankGroup:
             dist.destroy_process_group()
 
 
-def make_rank_group(world_size: int, check_interval: int) -> RankGroup:
+def make_rank_group(world_size: int, check_interval: int, backend: str = "auto") -> RankGroup:
     if world_size == 1:
         return RankGroup(None, check_interval)
     env = RankEnv.from_env(world_size)
-    init_process_group(env)
+    init_process_group(env, backend=backend)
     return RankGroup(env, check_interval)
 
 

@@ -165,7 +165,8 @@ def train(cfg: TrainConfig, bridge: WeightBridge | None = None) -> list[dict[str
     """Run cfg.training_steps optimizer steps; return the metric rows of the steps run here."""
     _seed(cfg.seed)
     run_dir = Path(cfg.save_path)
-    ranks = make_rank_group(cfg.world_size, cfg.replica_check_interval)  # no-ops for one rank
+    ranks = make_rank_group(cfg.world_size, cfg.replica_check_interval,  # no-ops for one rank
+                            cfg.dist_backend)
     if ranks.is_main:  # the run folder is shared: rank 0 alone writes it
         save_config(cfg, run_dir / "config.json")
     bridge = bridge or make_bridge(cfg)

@@ -22,6 +22,7 @@ from example_trainer.config import parse_config
 from example_trainer.models import tiny_llama_path
 from example_trainer.process import free_port
 from example_trainer.trainer import train
+from vllm_patching import bridge_config
 from vllm_patching.mapping import MappingError
 
 WORLD = 2
@@ -232,12 +233,68 @@ def test_world_size_needs_shared_vllm(torchrun_env, mode):
         parse_config(["--world-size", "2", "--weight-bridge-mode", mode])
 
 
+def _write_rank_config(folder: Path, process: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / bridge_config.CONFIG_NAME
+    path.write_text(json.dumps({"process": process}))
+    return path
+
+
 def test_each_rank_gets_its_own_replica(torchrun_env, tmp_path):
+    _write_rank_config(tmp_path / "rank1", bridge_config.process_identity())  # a live writer
     cfg = parse_config(["--world-size", "2", "--single-copy", "--vllm-port", "9001",
                         "--vllm-config-path", str(tmp_path)])
     assert (cfg.trainer_rank, cfg.vllm_port) == (1, 9002)
     assert cfg.vllm_config_path == os.path.join(tmp_path, "rank1")
+    assert cfg.dist_backend == "auto"
     assert parse_config(["--replica-check-interval", "3"]).replica_check_interval == 3
+
+
+def test_a_rank_without_its_own_config_is_refused_not_sent_to_the_fallbacks(torchrun_env,
+                                                                           tmp_path,
+                                                                           monkeypatch):
+    # Configs in every fallback place (./, rank 0's folder) must not stand in for rank 1's.
+    monkeypatch.chdir(tmp_path)
+    _write_rank_config(tmp_path, bridge_config.process_identity())
+    _write_rank_config(tmp_path / "rank0", bridge_config.process_identity())
+    argv = ["--world-size", "2", "--single-copy", "--vllm-config-path", str(tmp_path)]
+    expected = tmp_path / "rank1" / bridge_config.CONFIG_NAME
+    with pytest.raises(FileNotFoundError) as e:
+        parse_config(argv)
+    assert f"local rank 1: its replica's bridge config {expected} is not there" in str(e.value)
+    assert f"LOGDIR={tmp_path / 'rank1'}" in str(e.value)
+    # The same through $LOGDIR instead of --vllm-config-path.
+    torchrun_env.setenv("LOGDIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="rank1"):
+        parse_config(argv[:3])
+    # A config whose vLLM is gone is refused as well (find_live would skip to the fallbacks).
+    dead = bridge_config.process_identity() | {"pid": 2**22 + 7, "start_ticks": 1}
+    _write_rank_config(tmp_path / "rank1", dead)
+    with pytest.raises(bridge_config.StaleBridgeConfig, match=f"{expected} is stale: "):
+        parse_config(argv)
+
+
+def test_dist_backend_flag_and_refusals(torchrun_env, tmp_path, monkeypatch):
+    _write_rank_config(tmp_path / "rank1", bridge_config.process_identity())
+    argv = ["--world-size", "2", "--single-copy", "--vllm-config-path", str(tmp_path)]
+    assert parse_config([*argv, "--dist-backend", "gloo"]).dist_backend == "gloo"
+    torchrun_env.setenv("GRPO_DIST_BACKEND", "nccl")
+    assert parse_config(argv).dist_backend == "nccl"
+    with pytest.raises(SystemExit):
+        parse_config([*argv, "--dist-backend", "mpi"])
+    with pytest.raises(ValueError, match="pick one of auto, gloo, nccl"):
+        D.resolve_backend("mpi", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert D.resolve_backend("auto", 1) == D.resolve_backend("gloo", 1) == "gloo"
+    with pytest.raises(ValueError, match="nccl needs CUDA.*--dist-backend gloo"):
+        D.resolve_backend("nccl", 0)
+    # Two ranks on one GPU: NCCL refuses the second, gloo shares the device.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert D.resolve_backend("auto", 0) == D.resolve_backend("nccl", 0) == "nccl"
+    assert D.resolve_backend("gloo", 1) == "gloo"
+    with pytest.raises(ValueError, match="local rank 1 is beyond the 1 GPU.*--dist-backend gloo"):
+        D.resolve_backend("nccl", 1)
 
 
 class LocalBridge(WeightBridge):
