@@ -61,10 +61,17 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, tokenizer,
     return final
 
 
+def checkpoints(run_dir: Path, pattern: str = r"step_(\d+)") -> list[Path]:
+    """Complete checkpoint folders (their state file written) whose names match `pattern`
+    (one number group), oldest first."""
+    found = [(int(m.group(1)), p) for p in run_dir.glob("*")
+             if (m := re.fullmatch(pattern, p.name)) and (p / STATE_FILE).exists()]
+    return [p for _, p in sorted(found)]
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    steps = [(int(m.group(1)), p) for p in run_dir.glob("step_*")
-             if (m := re.fullmatch(r"step_(\d+)", p.name)) and (p / STATE_FILE).exists()]
-    return max(steps)[1] if steps else None
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
 
 
 def _load_trainable_weights(model: nn.Module, folder: Path) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from example_trainer import checkpoint
 from example_trainer.bridges.shared_vllm import SharedVllmBridge
 from example_trainer.checkpoint import load_checkpoint, save_checkpoint
 from example_trainer.config import parse_config
@@ -61,9 +62,7 @@ class WorkerSettings:
 
 def checkpoints(training_dir: Path) -> list[Path]:
     """Complete checkpoint folders, oldest first."""
-    found = [(int(m.group(1)), p) for p in training_dir.glob("ckpt_*")
-             if (m := CHECKPOINT_RE.fullmatch(p.name)) and (p / "trainer_state.pt").exists()]
-    return [p for _, p in sorted(found)]
+    return checkpoint.checkpoints(training_dir, CHECKPOINT_RE.pattern)
 
 
 def current_checkpoint(training_dir: Path) -> Path | None:

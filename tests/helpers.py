@@ -165,12 +165,7 @@ def wait_until_stale(identity: dict, timeout_s: float = 30.0) -> None:
 def shared_memory_left(config_path: str | Path) -> list[str]:
     """The /dev/shm names a bridge config lists (weights, fence) that still exist."""
     config = json.loads(Path(config_path).read_text())
-    names = [h["shm_path"] for h in config["ipc_handles"].values() if "shm_path" in h]
-    fence = config.get("fence") or {}
-    names += [f"/dev/shm/sem.{fence[k].lstrip('/')}" for k in ("turnstile", "mutex", "recovery")
-              if k in fence]
-    names += [f"/dev/shm/{fence['block']}"] if "block" in fence else []
-    return [n for n in names if os.path.exists(n)]
+    return [n for n in bridge_config.shared_memory_paths(config) if os.path.exists(n)]
 
 
 def start_env(tmp_path, api: str, vllm: str, tokenizer, group_size: int = 8) -> ManagedProcess:

@@ -6,7 +6,6 @@ import this module. DESIGN.md's search order is: an explicit path, $LOGDIR, ./, 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -164,24 +163,27 @@ def release(path: Path, wait_s: float = 10.0) -> int:
             return 0
         time.sleep(0.1)
     freed = 0
-    for handle in config.get("ipc_handles", {}).values():
-        shm = handle.get("shm_path") if isinstance(handle, dict) else None
-        if isinstance(shm, str) and shm.startswith("/dev/shm/"):
-            try:
-                size = os.stat(shm).st_size
-                os.unlink(shm)
-                freed += size
-            except OSError:
-                pass
-    fence = config.get("fence") or {}
-    for key in ("turnstile", "mutex", "recovery"):
-        if isinstance(fence.get(key), str):
-            with contextlib.suppress(OSError):
-                os.unlink("/dev/shm/sem." + fence[key].lstrip("/"))
-    if isinstance(fence.get("block"), str):
-        with contextlib.suppress(OSError):
-            os.unlink("/dev/shm/" + fence["block"].lstrip("/"))
+    for name in shared_memory_paths(config):
+        try:
+            size = os.stat(name).st_size
+            os.unlink(name)
+            freed += size
+        except OSError:
+            pass
     return freed
+
+
+def shared_memory_paths(config: dict[str, Any]) -> list[str]:
+    """The /dev/shm files a config names: CPU weights, the fence's semaphores and block."""
+    names = [h["shm_path"] for h in config.get("ipc_handles", {}).values()
+             if isinstance(h, dict) and isinstance(h.get("shm_path"), str)
+             and h["shm_path"].startswith("/dev/shm/")]
+    fence = config.get("fence") or {}
+    names += ["/dev/shm/sem." + fence[k].lstrip("/") for k in ("turnstile", "mutex", "recovery")
+              if isinstance(fence.get(k), str)]
+    if isinstance(fence.get("block"), str):
+        names.append("/dev/shm/" + fence["block"].lstrip("/"))
+    return names
 
 
 def find_live(explicit: str | None = None, logdir: str | None = None
