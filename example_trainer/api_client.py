@@ -54,7 +54,7 @@ class ApiClient:
         }
         return self._post("/register", self.registration)
 
-    def get_batch(self, timeout_s: float, steps_done: int) -> list[dict]:
+    def get_batch(self, timeout_s: float, steps_done: int, order: str = "") -> list[dict]:
         """Poll GET /batch until a batch is ready; back off from 0.1 s to 2 s between polls.
         An API that forgot us (restarted: 409 "not registered") gets our registration again,
         starting at `steps_done`, and polling goes on."""
@@ -63,7 +63,8 @@ class ApiClient:
         last_note = time.monotonic()
         while True:
             try:
-                resp = requests.get(f"{self.url}/batch", timeout=self.timeout_s)
+                resp = requests.get(f"{self.url}/batch", timeout=self.timeout_s,
+                                    params={"order": order} if order else None)
                 if resp.status_code == 409 and self.registration is not None:
                     log.warning("batching API at %s lost our registration (restarted?): "
                                 "registering again at step %d", self.url, steps_done)

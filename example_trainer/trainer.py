@@ -132,7 +132,8 @@ def next_rollouts(client: ApiClient, cfg: TrainConfig, step: int, vocab_size: in
     environments' dynamic sampling dropped."""
     counts: dict[str, float] = defaultdict(int)
     while True:
-        batch = client.get_batch(cfg.batch_poll_timeout, steps_done=step - 1)
+        batch = client.get_batch(cfg.batch_poll_timeout, steps_done=step - 1,
+                                 order=cfg.batch_order)
         groups, problems = usable_groups(batch, cfg.max_token_len, vocab_size)
         for problem in problems:
             log.warning("dropped %s", problem)

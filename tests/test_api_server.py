@@ -30,6 +30,8 @@ from environments.batching import (
     pick_exact,
 )
 from environments.schemas import RegisterEnv, Registration, ScoredData
+from example_trainer.api_client import ApiClient
+from example_trainer.config import parse_config
 from tests.helpers import start_api_server
 
 BASE_URL = "http://127.0.0.1:8000"
@@ -713,6 +715,25 @@ def test_real_server_serves_the_freshest_groups_first_on_request(tmp_path):
                 for b in batches]
     assert versions == [[4, 5], [1, 3], [2, 2], None]
     assert status["current_step"] == 3 and status["queue_sequences"] == 0
+
+
+@pytest.mark.integration
+def test_the_trainer_asks_for_the_freshest_groups_with_batch_order(tmp_path):
+    """grpo.py --batch-order freshest against an API whose own order is fifo."""
+    cfg = parse_config(["--batch-order", "freshest", "--batch-size", "4"])
+    proc, url = start_api_server(tmp_path / "api.log")
+    try:
+        client = ApiClient(url)
+        client.register(cfg, starting_step=0, vocab_size=None)
+        for tag, version in enumerate([3, 1, 4, 2, 5, 2]):
+            requests.post(f"{url}/scored_data", json=versioned(2, tag, version),
+                          timeout=5).raise_for_status()
+        batches = [client.get_batch(30, steps_done=0, order=cfg.batch_order),
+                   client.get_batch(30, steps_done=1)]  # no order: the API's fifo
+    finally:
+        proc.stop()
+    assert [sorted(g["overrides"][0]["weight_version"] for g in b) for b in batches] == [
+        [4, 5], [1, 3]]
 
 
 def post_until_queued(url: str, payload: dict, deadline: float) -> None:

@@ -160,7 +160,7 @@ class CannedBatches:
     def __init__(self, *batches: list[dict]) -> None:
         self.batches = list(batches)
 
-    def get_batch(self, timeout_s: float, steps_done: int) -> list[dict]:
+    def get_batch(self, timeout_s: float, steps_done: int, order: str = "") -> list[dict]:
         return self.batches.pop(0)
 
 
