@@ -201,9 +201,9 @@ class PeakSampler(threading.Thread):
             self.peak = max(self.peak, used)
 
 
-def kv_cache(logs: list[Path]) -> dict[str, float | None]:
+def kv_cache(logs: list[Path], fixed_gib: float | None) -> dict[str, float | None]:
     """What vLLM logged it kept for the KV cache (the last server's, for mode none)."""
-    found: dict[str, float | None] = {"kv_cache_gib": None, "kv_cache_tokens": None}
+    found: dict[str, float | None] = {"kv_cache_gib": fixed_gib, "kv_cache_tokens": None}
     for path in logs:
         text = path.read_text(errors="replace") if path.exists() else ""
         for m in re.finditer(r"Available KV cache memory: ([\d.]+) GiB", text):
@@ -218,6 +218,10 @@ def server_flags(args: argparse.Namespace, model: str, total_bytes: int) -> list
     if total_bytes:
         flags += ["--dtype", "bfloat16", "--enforce-eager",
                   "--gpu-memory-utilization", f"{args.vllm_gib * GIB / total_bytes:.4f}"]
+    if args.kv_gib:
+        # A fixed KV cache: vLLM then skips sizing it from whole-device free memory, which
+        # other processes starting or stopping beside it would skew.
+        flags += ["--kv-cache-memory-bytes", str(int(args.kv_gib * GIB))]
     if not any(Path(model).glob("*.safetensors")):
         flags += ["--load-format", "dummy"]
     return flags
@@ -252,7 +256,7 @@ def run_config(args: argparse.Namespace, name: str, model: str, total_bytes: int
     return {"config": name, "bridge": CONFIGS[name][0], "optimizer": CONFIGS[name][1],
             "gradient_checkpointing": CONFIGS[name][2], **row,
             "peak_device_bytes": sampler.peak, "peak_device_gib": sampler.peak / GIB,
-            **kv_cache(logs), "trainer_fraction": spec["fraction"],
+            **kv_cache(logs, args.kv_gib), "trainer_fraction": spec["fraction"],
             "vllm_args": spec["vllm_args"]}
 
 
@@ -286,6 +290,8 @@ def main() -> None:
     parser.add_argument("--cap-gib", type=float, default=80.0, help="vLLM + trainer, GiB")
     parser.add_argument("--vllm-gib", type=float, default=35.0,
                         help="vLLM's share: weights, activations and the KV cache")
+    parser.add_argument("--kv-gib", type=float, help="a fixed KV cache (GiB) instead of what "
+                        "is left of --vllm-gib after weights and activations")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--micro-batch", type=int, default=16, help="sequences per micro-batch")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per configuration")
@@ -334,8 +340,8 @@ def write(args: argparse.Namespace, total: int, rows: list[dict[str, Any]]) -> N
     merged |= {"machine": machine_info(), "device_total_bytes": total,
                "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     merged.setdefault("models", {})[args.model] = {
-        "cap_gib": args.cap_gib, "vllm_gib": args.vllm_gib, "steps": args.steps,
-        "micro_batch": args.micro_batch, "completions": PROMPTS * GROUP,
+        "cap_gib": args.cap_gib, "vllm_gib": args.vllm_gib, "kv_gib": args.kv_gib,
+        "steps": args.steps,        "micro_batch": args.micro_batch, "completions": PROMPTS * GROUP,
         "new_tokens": NEW_TOKENS, "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

@@ -42,7 +42,8 @@ MODEL = resolve_model("smollm2")
 WORLD = 2
 STEPS = 3
 DTYPE, OPTIMIZER, LR = "bfloat16", "adamw_fp32_master", "3e-4"  # fp32 master: the steps show
-SERVER_ARGS = ["--gpu-memory-utilization", "0.08", "--max-model-len", "1024",
+SERVER_ARGS = ["--gpu-memory-utilization", "0.08", "--kv-cache-memory-bytes", str(2 << 30),
+               "--max-model-len", "1024",
                "--dtype", DTYPE, "--enforce-eager"]
 SHARED_ENV = {"VLLM_ENABLE_SHARED_WEIGHTS": "1"}
 

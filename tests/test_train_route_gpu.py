@@ -40,7 +40,8 @@ def server(tmp_path_factory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("train_gpu")
     port = free_port()
     proc, _ = start_vllm(MODEL, port, root / "vllm.log", [
-        "--gpu-memory-utilization", "0.12", "--max-model-len", "1024", "--dtype", "bfloat16",
+        "--gpu-memory-utilization", "0.12", "--kv-cache-memory-bytes", str(2 << 30),
+        "--max-model-len", "1024", "--dtype", "bfloat16",
         "--enable-training", "--training-dir", str(root / "training")], timeout_s=900,
         env={"LOGDIR": str(root)})
     url = f"http://127.0.0.1:{port}"
