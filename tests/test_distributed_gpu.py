@@ -53,16 +53,22 @@ def result(name: str, **numbers) -> None:
 
 
 def _consecutive_free_ports() -> int:
-    """A free port p whose neighbour p + 1 is free too: replica r serves at --vllm-port + r."""
-    for _ in range(100):
-        port = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
+    """A free port p whose neighbour p + 1 is free too: replica r serves at --vllm-port + r.
+
+    Drawn below Linux's ephemeral range (32768-60999): every `free_port()` (bind to port 0) of
+    processes running beside this test gets its port from that range, one of which took p + 1
+    while replica 0 started on the H200 (two checks in one device call)."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        try:
+            for candidate in (port, port + 1):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
         return port
-    raise RuntimeError("no two consecutive free ports")
+    raise RuntimeError("no two consecutive free ports in 20000-32000")
 
 
 @pytest.fixture(scope="module")
