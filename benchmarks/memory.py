@@ -59,16 +59,19 @@ CONTEXT_GIB = 0.75
 
 
 def _generate(url: str, tokenizer: Any, step: int) -> list[dict]:
-    """8 ScoredData groups of 8 completions from the server, with its logprobs; random scores."""
+    """8 ScoredData groups of 8 completions from the server, with its logprobs; random scores.
+    The 8 requests go together, as environments send them (one after another, the 8B step's
+    generation took 4.9 s of its 6.0 s on the H200)."""
     import random
+    from concurrent.futures import ThreadPoolExecutor
 
     import requests
 
     rng = random.Random(step)
-    groups = []
-    for i in range(PROMPTS):
+
+    def group(i: int) -> dict:
         prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": f"What is {rng.randint(10, 99)} + {i + 10}?"}],
+            [{"role": "user", "content": f"What is {10 + 7 * i + step % 50} + {i + 10}?"}],
             add_generation_prompt=True, tokenize=True)
         prompt = list(getattr(prompt, "input_ids", prompt))
         r = requests.post(f"{url}/generate", timeout=600, json={
@@ -76,13 +79,16 @@ def _generate(url: str, tokenizer: Any, step: int) -> list[dict]:
             "temperature": 1.0, "logprobs": 0, "detokenize": False})
         r.raise_for_status()
         out = r.json()
-        tokens = [prompt + ids for ids in out["token_ids"]]
         lps = [[1.0] * len(prompt) + [pos[0][str(t)] for t, pos in zip(ids, lp, strict=True)]
                for ids, lp in zip(out["token_ids"], out["logprobs"], strict=True)]
-        groups.append({"tokens": tokens, "masks": [[-100] * len(prompt) + ids
-                                                   for ids in out["token_ids"]],
-                       "scores": [float(rng.random() < 0.5) for _ in tokens],
-                       "inference_logprobs": lps})
+        return {"tokens": [prompt + ids for ids in out["token_ids"]],
+                "masks": [[-100] * len(prompt) + ids for ids in out["token_ids"]],
+                "inference_logprobs": lps}
+
+    with ThreadPoolExecutor(PROMPTS) as pool:
+        groups = list(pool.map(group, range(PROMPTS)))
+    for g in groups:  # scores drawn here, in order: the same for every configuration
+        g["scores"] = [float(rng.random() < 0.5) for _ in g["tokens"]]
     return groups
 
 
