@@ -77,23 +77,29 @@ def weights(step_dir) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.integration
-def test_resume_matches_straight_run(tiny_model, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "apollo_mini"])
+def test_resume_matches_straight_run(tiny_model, tmp_path, optimizer):
+    """2 steps + --resume + 2 steps == 4 steps: weights, losses and the optimizer's state (for
+    apollo_mini: its projected moments, norm history and step count) come back exactly."""
     from tests.helpers import start_api_server
 
     groups = make_groups(4)
     api_proc, api = start_api_server(tmp_path / "api_a.log")
     try:
         feed(api, groups)
-        straight = run(config(tiny_model, api, str(tmp_path / "a"), 4, "--benchmark"))
+        straight = run(config(tiny_model, api, str(tmp_path / "a"), 4, "--benchmark",
+                                "--optimizer", optimizer))
     finally:
         api_proc.stop()
 
     api_proc, api = start_api_server(tmp_path / "api_b.log")
     try:
         feed(api, groups[:2])
-        first = run(config(tiny_model, api, str(tmp_path / "b"), 2, "--save-interval", "2"))
+        first = run(config(tiny_model, api, str(tmp_path / "b"), 2, "--save-interval", "2",
+                                "--optimizer", optimizer))
         feed(api, groups[2:])
-        second = run(config(tiny_model, api, str(tmp_path / "b"), 4, "--resume"))
+        second = run(config(tiny_model, api, str(tmp_path / "b"), 4, "--resume",
+                                 "--optimizer", optimizer))
     finally:
         api_proc.stop()
 
