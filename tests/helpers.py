@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import requests
 import torch
 from torch import nn
 
+from example_trainer.bridges import WeightBridge
 from example_trainer.bridges.shared_vllm import SharedVllmBridge
 from example_trainer.config import TrainConfig, parse_config
 from example_trainer.inference.manager import OUR_SERVER, start_vllm
@@ -204,3 +206,27 @@ def trainer_cfg(model, tmp_path, api: str, vllm_port: int, *extra: str):
         "--gradient-accumulation-steps", "2", "--max-token-len", "256",
         "--batch-poll-timeout", "300", "--dtype", DTYPE, *extra,
     ])
+
+
+class NoSyncBridge(WeightBridge):
+    """The trainer's own plain HF model, no inference server: for tests of the loop itself."""
+
+    def attach(self, model):
+        return model
+
+    def after_step(self, step: int) -> dict[str, float]:
+        return {"time/sync": 0.0}
+
+    def publish_version(self, step: int) -> None:
+        pass
+
+
+def random_group(rng: random.Random, max_completion: int = 8) -> dict:
+    """A ScoredData group of two sequences: a 4-token prompt masked out, 2..max_completion
+    random completion tokens, scores 1 and 0 (non-zero advantages)."""
+    tokens, masks = [], []
+    for _ in range(2):
+        seq = [rng.randint(5, 4000) for _ in range(4 + rng.randint(2, max_completion))]
+        tokens.append(seq)
+        masks.append([-100] * 4 + seq[4:])
+    return {"tokens": tokens, "masks": masks, "scores": [1.0, 0.0]}

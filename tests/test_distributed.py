@@ -17,11 +17,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from example_trainer import distributed as D
-from example_trainer.bridges.base import WeightBridge
 from example_trainer.config import parse_config
 from example_trainer.models import tiny_llama_path
 from example_trainer.process import free_port
 from example_trainer.trainer import train
+from tests.helpers import NoSyncBridge, random_group
 from vllm_patching import bridge_config
 from vllm_patching.mapping import MappingError
 
@@ -297,33 +297,11 @@ def test_dist_backend_flag_and_refusals(torchrun_env, tmp_path, monkeypatch):
         D.resolve_backend("nccl", 1)
 
 
-class LocalBridge(WeightBridge):
-    """Each rank's own plain HF model: the replicas of this test live in the trainer ranks."""
-
-    def attach(self, model):
-        return model
-
-    def after_step(self, step: int) -> dict[str, float]:
-        return {"time/sync": 0.0}
-
-    def publish_version(self, step: int) -> None:
-        pass
-
-
-def _group(rng: random.Random) -> dict:
-    tokens, masks = [], []
-    for _ in range(2):
-        seq = [rng.randint(5, 4000) for _ in range(4 + rng.randint(2, 8))]
-        tokens.append(seq)
-        masks.append([-100] * 4 + seq[4:])
-    return {"tokens": tokens, "masks": masks, "scores": [1.0, 0.0]}
-
-
 def _train_rank(rank: int, port: int, cfg, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    bridge = LocalBridge(cfg)
+    bridge = NoSyncBridge(cfg)
     models = []
     bridge.attach = lambda model: models.append(model) or model  # keep the trained model
     rows = train(cfg, bridge)
@@ -341,7 +319,8 @@ def test_two_ranks_of_the_real_loop_stay_identical_and_rank0_alone_writes(tiny_m
         "checkpoint_dir": "", "save_checkpoint_interval": 0, "starting_step": 0, "num_steps": 2,
     }, timeout=10).raise_for_status()
     for _ in range(4):  # 2 ranks x 2 steps, one group each: every rank trains different data
-        requests.post(f"{api_server}/scored_data", json=_group(rng), timeout=10).raise_for_status()
+        requests.post(f"{api_server}/scored_data", json=random_group(rng),
+                      timeout=10).raise_for_status()
     cfg = parse_config(["--model-name", str(tiny_model), "--api-url", api_server,
                         "--save-path", str(tmp_path / "run"), "--training-steps", "2",
                         "--batch-size", "2", "--dtype", "float32", "--lr", "1e-2",

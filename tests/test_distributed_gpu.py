@@ -33,7 +33,7 @@ from example_trainer.inference.manager import start_vllm
 from example_trainer.models import resolve_model
 from example_trainer.process import free_port
 from example_trainer.trainer import train
-from tests.helpers import PROMPT_IDS, attach, vllm_prompt_logprobs
+from tests.helpers import PROMPT_IDS, attach, random_group, vllm_prompt_logprobs
 from vllm_patching import bridge_config
 
 pytestmark = pytest.mark.gpu
@@ -95,16 +95,6 @@ def replicas(tmp_path_factory) -> Iterator[tuple[Path, int, float]]:
             proc.stop()
 
 
-def _group(rng: random.Random) -> dict:
-    """Two sequences, a 4-token prompt masked out, scores 1 and 0: non-zero advantages."""
-    tokens, masks = [], []
-    for _ in range(2):
-        seq = [rng.randint(5, 4000) for _ in range(4 + rng.randint(4, 12))]
-        tokens.append(seq)
-        masks.append([-100] * 4 + seq[4:])
-    return {"tokens": tokens, "masks": masks, "scores": [1.0, 0.0]}
-
-
 def _rank(rank: int, master_port: int, argv: list[str], out: str) -> None:
     """One torchrun-style rank: parse_config derives its port and config folder from LOCAL_RANK."""
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank),
@@ -143,7 +133,7 @@ def test_two_gloo_ranks_keep_two_replicas_on_one_gpu_bit_identical(replicas, api
     }, timeout=10).raise_for_status()
     rng = random.Random(0)
     for _ in range(WORLD * STEPS):  # one group (2 sequences) per rank and step: different data
-        requests.post(f"{api_server}/scored_data", json=_group(rng),
+        requests.post(f"{api_server}/scored_data", json=random_group(rng, 12),
                       timeout=10).raise_for_status()
     argv = ["--model-name", MODEL, "--api-url", api_server, "--save-path", str(tmp_path / "run"),
             "--training-steps", str(STEPS), "--batch-size", "2", "--max-token-len", "64",

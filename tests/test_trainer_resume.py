@@ -12,25 +12,12 @@ import requests
 import torch
 from safetensors.torch import load_file
 
-from example_trainer.bridges.base import WeightBridge
 from example_trainer.config import parse_config
 from example_trainer.metrics import STEP_KEYS
 from example_trainer.trainer import train
+from tests.helpers import NoSyncBridge
 
 GROUP = 4  # sequences per group == sequences per step below
-
-
-class NoSyncBridge(WeightBridge):
-    """No inference server: the bridge is outside what these tests are about."""
-
-    def attach(self, model):
-        return model
-
-    def after_step(self, step: int) -> dict[str, float]:
-        return {"time/sync": 0.0}
-
-    def publish_version(self, step: int) -> None:
-        pass
 
 
 def make_groups(n: int, seed: int = 0) -> list[dict]:
