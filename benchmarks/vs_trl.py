@@ -4,6 +4,8 @@ same task, budget and held-out problems.
 
     python benchmarks/vs_trl.py [--systems trl,shared_vllm] [--steps 60] [--eval 200]
         [--model smollm2] [--seed 0] [--run-dir runs/vs_trl] [--out PATH]
+        [--vllm-args="--gpu-memory-utilization 0.3 --max-model-len 1024"]  (flag values that
+        start with "--" need the `=` form)
 
 Task (both systems): environments/arithmetic_server.py's two-digit sums, "What is a + b? Answer
 with the number only." as one user chat message (the tokenizer's chat template, generation
@@ -294,9 +296,10 @@ def run_ours(args: argparse.Namespace, model: str, run: Path, procs: list[Manage
     result_path = run / "e2e.json"
     cmd = [str(ROOT / "benchmarks" / "e2e_shared_vllm.py"), "--model", args.model,
            "--steps", str(args.steps), "--lr", str(args.lr), "--eval", str(args.eval),
-           "--seed", str(args.seed), "--dtype", args.dtype, "--vllm-args", args.user_vllm_args,
-           "--trainer-args", f"{OURS_TRAINER} {args.ours_trainer_args}".strip(),
-           "--env-args", f"{OURS_ENV} {args.ours_env_args}".strip(),
+           "--seed", str(args.seed), "--dtype", args.dtype, f"--vllm-args={args.user_vllm_args}",
+           # `=`: a value starting with "--" would be read as a flag otherwise
+           f"--trainer-args={OURS_TRAINER} {args.ours_trainer_args}".strip(),
+           f"--env-args={OURS_ENV} {args.ours_env_args}".strip(),
            "--timeout", str(args.timeout), "--run-dir", str(run), "--out", str(result_path)]
     watch = FileWatch(run)
     launched = time.time()
