@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.sync_latency import _group_pids, device_label, machine_info  # noqa: E402
 from example_trainer.inference.manager import server_args  # noqa: E402
-from example_trainer.models import resolve_model  # noqa: E402
+from example_trainer.models import is_shape_model, resolve_model  # noqa: E402
 from example_trainer.process import ManagedProcess, free_port, raise_on_sigterm  # noqa: E402
 
 log = logging.getLogger("memory")
@@ -228,7 +228,7 @@ def server_flags(args: argparse.Namespace, model: str, total_bytes: int) -> list
         # A fixed KV cache: vLLM then skips sizing it from whole-device free memory, which
         # other processes starting or stopping beside it would skew.
         flags += ["--kv-cache-memory-bytes", str(int(args.kv_gib * GIB))]
-    if not any(Path(model).glob("*.safetensors")):
+    if is_shape_model(model):
         flags += ["--load-format", "dummy"]
     return flags
 

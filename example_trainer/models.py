@@ -137,15 +137,21 @@ BUILDERS = {"smollm2": smollm2_path, "tiny": tiny_llama_path,
             "llama3-8b-shape": llama3_8b_shape_path}
 
 
+def is_shape_model(path: str | Path) -> bool:
+    """A local folder with a config and no weight files (llama3-8b-shape): served with vLLM's
+    --load-format dummy, built with random weights by the trainer."""
+    folder = Path(path)
+    return folder.is_dir() and not any(folder.glob("*.safetensors")) and not any(
+        folder.glob("*.bin"))
+
+
 def load_causal_lm(path: str, dtype, device):
-    """The HF model of `path` on `device`; a folder with a config and no weights (a shape such
-    as llama3-8b-shape) gets random weights built on the device, as vLLM's --load-format dummy
-    does, so memory and speed can be measured without downloading a checkpoint."""
+    """The HF model of `path` on `device`; a shape model (is_shape_model) gets random weights
+    built on the device, as vLLM's --load-format dummy does, so memory and speed can be measured
+    without downloading a checkpoint."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    folder = Path(path)
-    if folder.is_dir() and not any(folder.glob("*.safetensors")) and not any(
-            folder.glob("*.bin")):
+    if is_shape_model(path):
         log.warning("%s has no weights: random weights (a shape model, for benchmarks)", path)
         with device:
             return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
