@@ -21,14 +21,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from vllm_patching.mapping import MappingError, build_mapping, check_coverage
+from vllm_patching.mapping import LLAMA_PACKED, MappingError, build_mapping, check_coverage
 
 log = logging.getLogger(__name__)
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-#: vLLM's LlamaForCausalLM.packed_modules_mapping: the fused layout its weight loader expects.
-LLAMA_PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
-                "gate_up_proj": ["gate_proj", "up_proj"]}
 
 
 @dataclass(frozen=True)

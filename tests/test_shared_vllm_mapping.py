@@ -17,9 +17,8 @@ from example_trainer.bridges import shared_tensors
 from example_trainer.bridges.shared_vllm import check_bridge_config
 from example_trainer.config import TrainConfig
 from vllm_patching import bridge_config
-from vllm_patching.mapping import MappingError, build_mapping, check_coverage
+from vllm_patching.mapping import LLAMA_PACKED, MappingError, build_mapping, check_coverage
 
-PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 SMOLLM2 = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
            "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
            "tie_word_embeddings": True}
@@ -39,7 +38,7 @@ def smollm2_vllm_params(layers: int = 2) -> dict[str, dict]:
 
 
 def test_mapping_slices_fused_projections_by_hf_config():
-    m = build_mapping(smollm2_vllm_params(), PACKED, SMOLLM2)
+    m = build_mapping(smollm2_vllm_params(), LLAMA_PACKED, SMOLLM2)
     qkv = "model.layers.1.self_attn.qkv_proj.weight"
     got = {k: (v["vllm_name"], v["slice"]["start"], v["slice"]["end"], v["shape"])
            for k, v in m.items() if v["slice"]}
@@ -55,18 +54,18 @@ def test_mapping_slices_fused_projections_by_hf_config():
 def test_mapping_ties_lm_head_and_strips_vocab_padding():
     params = smollm2_vllm_params(1)
     params["model.embed_tokens.weight"]["shape"] = [49216, 576]  # padded to a multiple of 64
-    m = build_mapping(params, PACKED, SMOLLM2)
+    m = build_mapping(params, LLAMA_PACKED, SMOLLM2)
     assert m["model.embed_tokens.weight"]["slice"] == {"dim": 0, "start": 0, "end": 49152}
     assert m["lm_head.weight"]["vllm_name"] == "model.embed_tokens.weight"
     assert m["lm_head.weight"]["tied_to"] == "model.embed_tokens.weight"
-    untied = build_mapping(params, PACKED, {**SMOLLM2, "tie_word_embeddings": False})
+    untied = build_mapping(params, LLAMA_PACKED, {**SMOLLM2, "tie_word_embeddings": False})
     assert "lm_head.weight" not in untied  # an untied vLLM model registers its own lm_head
 
 
 def test_mapping_maps_biases_of_fused_projections():
     params = smollm2_vllm_params(1)
     params["model.layers.0.self_attn.qkv_proj.bias"] = {"shape": [960], "dtype": "torch.bfloat16"}
-    m = build_mapping(params, PACKED, SMOLLM2)
+    m = build_mapping(params, LLAMA_PACKED, SMOLLM2)
     assert m["model.layers.0.self_attn.v_proj.bias"]["slice"] == {"dim": 0, "start": 768,
                                                                   "end": 960}
     assert m["model.layers.0.self_attn.v_proj.bias"]["shape"] == [192]
@@ -76,9 +75,9 @@ def test_mapping_refuses_sharded_or_inconsistent_sizes():
     params = smollm2_vllm_params(1)
     params["model.layers.0.self_attn.qkv_proj.weight"]["shape"] = [480, 576]  # TP=2 shard
     with pytest.raises(MappingError, match="tensor parallelism"):
-        build_mapping(params, PACKED, SMOLLM2)
+        build_mapping(params, LLAMA_PACKED, SMOLLM2)
     with pytest.raises(MappingError, match="output_sizes"):
-        build_mapping(smollm2_vllm_params(1), PACKED, SMOLLM2,
+        build_mapping(smollm2_vllm_params(1), LLAMA_PACKED, SMOLLM2,
                       {"model.layers.0.self_attn.qkv_proj": [576, 256, 128]})
     with pytest.raises(MappingError, match="cannot size"):
         build_mapping({"x.w13_proj.weight": {"shape": [8, 4], "dtype": "torch.bfloat16"}},
@@ -136,7 +135,7 @@ def reference_and_bound():
     ref = LlamaForCausalLM(config).eval()
     tensors = fuse_like_vllm(ref, pad_vocab_to=128)
     params = {n: {"shape": list(t.shape), "dtype": str(t.dtype)} for n, t in tensors.items()}
-    mapping = build_mapping(params, PACKED, config.to_dict())
+    mapping = build_mapping(params, LLAMA_PACKED, config.to_dict())
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     nbytes = shared_tensors.bind_views(skeleton, mapping, tensors)
@@ -182,7 +181,7 @@ def test_save_pretrained_of_views_reloads(reference_and_bound, tmp_path):
 def test_dtype_mismatch_is_refused_with_the_fix(reference_and_bound):
     ref, _, tensors = reference_and_bound
     mapping = build_mapping({n: {"shape": list(t.shape), "dtype": "torch.float32"}
-                             for n, t in tensors.items()}, PACKED, ref.config.to_dict())
+                             for n, t in tensors.items()}, LLAMA_PACKED, ref.config.to_dict())
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(ref.config, dtype=torch.bfloat16)
     with pytest.raises(MappingError, match="--dtype must equal vLLM's --dtype"):

@@ -17,6 +17,10 @@ Shape = Sequence[int]
 #: Parts whose row count the HF config determines. Anything else must come with live sizes.
 _KNOWN_PARTS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 _VOCAB_PARAMS = ("embed_tokens.weight", "lm_head.weight")
+#: vLLM's LlamaForCausalLM.packed_modules_mapping (Mistral and Qwen2 use the same): the fused
+#: layout, for code that has no vLLM model at hand to ask.
+LLAMA_PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                "gate_up_proj": ["gate_proj", "up_proj"]}
 
 
 class MappingError(ValueError):
