@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.sync_latency import machine_info  # noqa: E402
+from example_trainer.plot import reward_curves_png  # noqa: E402
 from example_trainer.process import ManagedProcess, raise_on_sigterm  # noqa: E402
 
 log = logging.getLogger("learning_sweep")
@@ -167,36 +168,20 @@ def ranking(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def plot_rewards(records: list[dict[str, Any]], png: Path) -> Path | None:
     """Mean reward per step of each configuration (mean over its seeds), one PNG."""
-    try:
-        import matplotlib
-    except ImportError:
-        log.info("matplotlib is not installed: no PNG (pip install matplotlib)")
-        return None
-    matplotlib.use("Agg")  # no display on training machines
-    import matplotlib.pyplot as plt
-
-    curves: dict[str, list[list[float]]] = {}
+    runs_of: dict[str, list[list[float]]] = {}
     for r in records:
         if r["status"] == "ok" and r.get("reward_curve"):
-            curves.setdefault(r["config"], []).append(r["reward_curve"])
-    if not curves:
+            runs_of.setdefault(r["config"], []).append(r["reward_curve"])
+    if not runs_of:
         return None
-    fig, ax = plt.subplots(figsize=(10, 6))
-    colors = plt.get_cmap("tab20")
-    for i, (name, runs) in enumerate(curves.items()):
+    curves, bold = {}, ()
+    for name, runs in runs_of.items():
         n = min(len(c) for c in runs)
-        mean = [statistics.fmean(c[t] for c in runs) for t in range(n)]
-        color = colors((2 * i + i // 10) % 20)  # ten distinct hues, then their light shades
-        ax.plot(range(1, n + 1), mean, color=color, lw=2.5 if name == "baseline" else 1.5,
-                label=f"{name} ({len(runs)} seed{'s' * (len(runs) > 1)})")
-    ax.set(xlabel="step", ylabel="mean reward (64 completions)", ylim=(-0.02, 1.02),
-           title="GRPO learning sweep: mean reward per step, mean over seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+        label = f"{name} ({len(runs)} seed{'s' * (len(runs) > 1)})"
+        curves[label] = [statistics.fmean(c[t] for c in runs) for t in range(n)]
+        bold = (label,) if name == "baseline" else bold
+    return reward_curves_png(curves, png, "GRPO learning sweep: mean reward per step, mean over "
+                             "seeds", "mean reward (64 completions)", bold)
 
 
 def write_results(args: argparse.Namespace, info: dict, records: list[dict], t0: float) -> None:

@@ -70,6 +70,7 @@ sys.path.insert(0, str(ROOT))
 from example_trainer.inference.manager import server_args  # noqa: E402
 from example_trainer.machine import resolve_dtype  # noqa: E402
 from example_trainer.models import resolve_model  # noqa: E402
+from example_trainer.plot import reward_curves_png  # noqa: E402
 from example_trainer.process import ManagedProcess, free_port, raise_on_sigterm  # noqa: E402
 
 log = logging.getLogger("vs_trl")
@@ -340,33 +341,17 @@ def run_ours(args: argparse.Namespace, model: str, run: Path, procs: list[Manage
 
 
 def plot(results: dict[str, dict[str, Any]], png: Path) -> Path | None:
-    try:
-        import matplotlib
-    except ImportError:
-        log.info("matplotlib is not installed: no PNG (pip install matplotlib)")
-        return None
-    matplotlib.use("Agg")  # no display on training machines
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 5))
+    curves = {}
     for name, r in results.items():
-        curve = r.get("reward_curve") or []
-        if not curve:
+        if not r.get("reward_curve"):
             continue
         acc = ""
         if r.get("accuracy_after") is not None:
             acc = f", greedy {100 * (r.get('accuracy_before') or 0):.1f} -> " \
                   f"{100 * r['accuracy_after']:.1f} %"
-        ax.plot(range(1, len(curve) + 1), curve, lw=2, label=f"{name}: median step "
-                f"{r['median_step_s']:.3f} s{acc}")
-    ax.set(xlabel="step", ylabel=f"mean reward ({PROMPTS * GROUP} completions)",
-           ylim=(-0.02, 1.02), title="GRPO, two-digit sums: TRL colocate vs shared_vllm")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+        curves[f"{name}: median step {r['median_step_s']:.3f} s{acc}"] = r["reward_curve"]
+    return reward_curves_png(curves, png, "GRPO, two-digit sums: TRL colocate vs shared_vllm",
+                             f"mean reward ({PROMPTS * GROUP} completions)")
 
 
 def main() -> None:

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def plot(jsonl: Path, out: Path) -> Path:
@@ -28,6 +31,33 @@ def plot(jsonl: Path, out: Path) -> Path:
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     return out
+
+
+def reward_curves_png(curves: dict[str, list[float]], png: Path, title: str, ylabel: str,
+                      bold: tuple[str, ...] = ()) -> Path | None:
+    """One PNG of several runs' mean reward per step, keyed by legend label (benchmarks that
+    compare runs); None, with a log line, where matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        log.info("matplotlib is not installed: no PNG (pip install matplotlib)")
+        return None
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 6))
+    colors = plt.get_cmap("tab20")
+    for i, (label, curve) in enumerate(curves.items()):
+        color = colors((2 * i + i // 10) % 20)  # ten distinct hues, then their light shades
+        ax.plot(range(1, len(curve) + 1), curve, color=color,
+                lw=2.5 if label in bold else 1.5, label=label)
+    ax.set(xlabel="step", ylabel=ylabel, ylim=(-0.02, 1.02), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
 
 
 def main() -> None:
