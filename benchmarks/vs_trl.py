@@ -67,7 +67,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from example_trainer.inference.manager import server_args  # noqa: E402
+from example_trainer.inference.manager import start_vllm  # noqa: E402
 from example_trainer.machine import resolve_dtype  # noqa: E402
 from example_trainer.models import resolve_model  # noqa: E402
 from example_trainer.plot import reward_curves_png  # noqa: E402
@@ -110,10 +110,9 @@ def score_model(args: argparse.Namespace, model_dir: str, tokenizer: str, log_pa
     from environments.arithmetic_server import greedy_accuracy
 
     port = free_port()
-    proc = ManagedProcess.python("eval-vllm", server_args(model_dir, port,
-                                                          args.eval_vllm_args.split()), log_path)
+    proc, _ = start_vllm(model_dir, port, log_path, args.eval_vllm_args.split(),
+                         timeout_s=args.timeout, name="eval-vllm")
     try:
-        proc.wait_healthy(f"http://127.0.0.1:{port}/health", args.timeout)
         return float(greedy_accuracy(f"http://127.0.0.1:{port}", n=args.eval,
                                      tokenizer_name=tokenizer)["accuracy"])
     finally:
