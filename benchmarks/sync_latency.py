@@ -167,25 +167,31 @@ def bench_shared_vllm(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]
         optimizer, _ = make_optimizer(cfg, params)
         with bridge.step_fence():
             optimizer.step()  # warm-up: allocates the optimizer state, not a steady-state step
-        rows = []
+        rows, unfenced = [], []
+        # Fenced and unfenced (what --hogwild costs: the step alone) steps alternate, each
+        # timed to the end of its GPU work, so that load on the machine moves both alike and
+        # stall minus step is what the fence adds.
         for step in range(1, args.steps + 1):
             with bridge.step_fence():
                 optimizer.step()
+                if CUDA:
+                    torch.cuda.synchronize()
             rows.append(bridge.after_step(step))
-        unfenced = []
-        for _ in range(args.steps):  # what --hogwild costs: the step alone
             t = time.perf_counter()
             optimizer.step()
             if CUDA:
                 torch.cuda.synchronize()
             unfenced.append({"optimizer_step_s": time.perf_counter() - t})
+            rows[-1]["fence_overhead_s"] = rows[-1]["sync/stall_s"] - unfenced[-1][
+                "optimizer_step_s"]
         copy = copy_rows(cfg, args.steps)
     finally:
         bridge.close()
         proc.stop()
     return {"setup_s": setup_s, "attach": bridge.attach_stats, "memory": mem,
             "fence_path": "inproc" if bridge.fence is not None else "http",
-            **stats(rows, ("time/sync", "sync/pause_s", "sync/resume_s", "sync/stall_s")),
+            **stats(rows, ("time/sync", "sync/pause_s", "sync/resume_s", "sync/stall_s",
+                          "fence_overhead_s")),
             **stats(unfenced, ("optimizer_step_s",)), **stats(copy, ("copy_sync_s",))}
 
 
