@@ -65,8 +65,8 @@ CPU_VLLM_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 CPU_VLLM_ARGS = ("--enforce-eager", "--max-model-len", "512")
 
 PRESETS = {
-    # 2-core CPU, LoRA r=16. NOTE: vllm-cpu 0.32 generates with a LoRA adapter at ~15 tokens/s
-    # (vs ~300 without), so steps take ~80 s here; cpu-demo (single copy) is ~20 s.
+    # 2-core CPU, LoRA r=16: vllm-cpu 0.32 generates with an adapter at ~15 tokens/s (~300
+    # without), so steps take ~80 s where cpu-demo's take ~20 s.
     "cpu-lora": Preset(
         model="smollm2", bridge="lora_only", steps=30, group_size=8, prompts_per_step=8, lr=2e-4,
         full_finetune=False,
@@ -79,11 +79,10 @@ PRESETS = {
         env_args=("--env.temperature", "0.7", "--env.max_num_workers", "8"),
         vllm_env=CPU_VLLM_ENV,
     ),
-    # 2-core CPU, single copy: full fine-tuning of vLLM's own weights (shared memory, see README).
-    # Sized for a CPU without native bf16 (float32: ~0.4 s of forward/backward per sequence):
-    # 4 prompts x 8 completions of two-digit sums per step, only groups whose completions
-    # disagree (the others carry no GRPO signal and would cost compute for nothing); about half
-    # are dropped, so 12 groups in flight make one engine batch that fills a step.
+    # 2-core CPU, single copy (shared memory, see README). Sized for a CPU without native bf16
+    # (float32: ~0.4 s of forward/backward per sequence): 4 prompts x 8 completions per step,
+    # only groups whose completions disagree (the others carry no GRPO signal); about half are
+    # dropped, so 12 groups in flight make one engine batch that fills a step.
     "cpu-demo": Preset(
         model="smollm2", bridge="shared_vllm", steps=16, group_size=8, prompts_per_step=4,
         lr=4e-5, full_finetune=True,
@@ -93,13 +92,14 @@ PRESETS = {
                   "--env.ensure_scores_are_not_same", "true"),
         vllm_env={"VLLM_ENABLE_SHARED_WEIGHTS": "1", **CPU_VLLM_ENV},
     ),
-    # One GPU shared by vLLM and the trainer: single copy of the weights.
+    # One GPU, single copy; learning_sweep's cpu_recipe unpaused (README, "What learns more").
     "gpu": Preset(
         model="smollm2", bridge="shared_vllm", steps=60, group_size=8, prompts_per_step=8,
-        lr=1e-5, full_finetune=True, trainer_args=("--batch-size", "64",),
+        lr=2e-5, full_finetune=True, trainer_args=("--batch-size", "64",),
         vllm_args=("--gpu-memory-utilization", "0.4", "--max-model-len", "512"),
         task_args=("--env.difficulty", "2", "--env.max_new_tokens", "32"),
-        vllm_env={"VLLM_ENABLE_SHARED_WEIGHTS": "1"},
+        env_args=("--env.temperature", "0.7", "--env.max_num_workers", "12",
+                  "--env.dynamic_sampling", "true"), vllm_env={"VLLM_ENABLE_SHARED_WEIGHTS": "1"},
     ),
 }
 
