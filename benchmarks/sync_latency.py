@@ -176,14 +176,14 @@ def bench_shared_vllm(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]
                 optimizer.step()
                 if CUDA:
                     torch.cuda.synchronize()
-            rows.append(bridge.after_step(step))
+            fenced = bridge.after_step(step)
             t = time.perf_counter()
             optimizer.step()
             if CUDA:
                 torch.cuda.synchronize()
-            unfenced.append({"optimizer_step_s": time.perf_counter() - t})
-            rows[-1]["fence_overhead_s"] = rows[-1]["sync/stall_s"] - unfenced[-1][
-                "optimizer_step_s"]
+            step_s = time.perf_counter() - t
+            rows.append({**fenced, "fence_overhead_s": fenced["sync/stall_s"] - step_s})
+            unfenced.append({"optimizer_step_s": step_s})
         copy = copy_rows(cfg, args.steps)
     finally:
         bridge.close()

@@ -99,7 +99,8 @@ PRESETS = {
         vllm_args=("--gpu-memory-utilization", "0.4", "--max-model-len", "512"),
         task_args=("--env.difficulty", "2", "--env.max_new_tokens", "32"),
         env_args=("--env.temperature", "0.7", "--env.max_num_workers", "12",
-                  "--env.dynamic_sampling", "true"), vllm_env={"VLLM_ENABLE_SHARED_WEIGHTS": "1"},
+                  "--env.dynamic_sampling", "true"),
+        vllm_env={"VLLM_ENABLE_SHARED_WEIGHTS": "1"},
     ),
 }
 
@@ -132,8 +133,7 @@ class Stack:
 
 
 def evaluate(preset: Preset, vllm_url: str, tokenizer: str, label: str, run_dir: Path) -> float:
-    """Greedy accuracy of the served model on the preset's held-out problems (the env's evaluate
-    command)."""
+    """Greedy accuracy of the served model on the preset's held-out problems (env `evaluate`)."""
     out = run_dir / f"eval_{label}.log"
     n = preset.eval_problems
     proc = ManagedProcess.python(
