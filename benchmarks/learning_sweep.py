@@ -93,6 +93,10 @@ CONFIGS = {c.name: c for c in (
                 trainer={"--pause-generation-during-step": ""},
                 env={"--env.temperature": "0.7", "--env.dynamic_sampling": "true",
                      "--env.max_num_workers": "12"}),
+    # launch.py's --preset gpu: the same recipe with generation running through each step.
+    SweepConfig("gpu_preset", "cpu_recipe with generation not paused (--preset gpu)", lr=2e-5,
+                env={"--env.temperature": "0.7", "--env.dynamic_sampling": "true",
+                     "--env.max_num_workers": "12"}),
 )}
 
 
