@@ -43,10 +43,15 @@ class Preset:
     trainer_args: tuple[str, ...] = ()
     vllm_args: tuple[str, ...] = ()
     # The task, the same for training rollouts and the greedy evaluations before and after.
-    task_args: tuple[str, ...] = ("--env.difficulty", "2", "--env.max_new_tokens", "16")
+    task: dict[str, int] = field(default_factory=lambda: {"difficulty": 2, "max_new_tokens": 16})
     env_args: tuple[str, ...] = ()
     eval_problems: int = 200
     vllm_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def task_args(self) -> list[str]:
+        """The task as the environment's command-line flags."""
+        return [a for k, v in self.task.items() for a in (f"--env.{k}", str(v))]
 
     @property
     def batch(self) -> int:
@@ -97,7 +102,7 @@ PRESETS = {
         model="smollm2", bridge="shared_vllm", steps=60, group_size=8, prompts_per_step=8,
         lr=2e-5, full_finetune=True, trainer_args=("--batch-size", "64",),
         vllm_args=("--gpu-memory-utilization", "0.4", "--max-model-len", "512"),
-        task_args=("--env.difficulty", "2", "--env.max_new_tokens", "32"),
+        task={"difficulty": 2, "max_new_tokens": 32},
         env_args=("--env.temperature", "0.7", "--env.max_num_workers", "12",
                   "--env.dynamic_sampling", "true"),
         vllm_env={"VLLM_ENABLE_SHARED_WEIGHTS": "1"},
@@ -132,22 +137,14 @@ class Stack:
             proc.stop()
 
 
-def evaluate(preset: Preset, vllm_url: str, tokenizer: str, label: str, run_dir: Path) -> float:
-    """Greedy accuracy of the served model on the preset's held-out problems (env `evaluate`)."""
-    out = run_dir / f"eval_{label}.log"
+def evaluate(preset: Preset, vllm_url: str, tokenizer: str, label: str) -> float:
+    """Greedy accuracy of the served model on the preset's held-out problems."""
+    from environments.arithmetic_server import greedy_accuracy
+
     n = preset.eval_problems
-    proc = ManagedProcess.python(
-        f"eval_{label}", ["-m", "environments.arithmetic_server", "evaluate",
-                          "--openai.base_url", vllm_url, "--env.tokenizer_name", tokenizer,
-                          "--env.eval_limit", str(n), *preset.task_args], out)
-    code = proc.popen.wait()
-    proc.stop()
-    match = re.search(r"accuracy[^0-9]*([0-9.]+)", proc.log_tail())
-    if code != 0 or not match:
-        raise RuntimeError(f"evaluation failed (code {code}); see {out}:\n{proc.log_tail()}")
-    accuracy = float(match.group(1))
+    accuracy = float(greedy_accuracy(vllm_url, tokenizer, n, **preset.task)["accuracy"])
     log.info("greedy accuracy %s training: %.1f%% on %d held-out problems", label,
-             100 * accuracy if accuracy <= 1 else accuracy, n)
+             100 * accuracy, n)
     return accuracy
 
 
@@ -212,15 +209,14 @@ def run(preset: Preset, run_dir: Path, skip_eval: bool, dtype: str) -> dict[str,
         api_url, vllm_url = start_servers(stack, preset, model, dtype)
         log.info("stack up after %.0fs: api %s, vllm %s", time.monotonic() - t0, api_url, vllm_url)
         if not skip_eval:
-            report["greedy_accuracy_before"] = evaluate(preset, vllm_url, model, "before",
-                                                        run_dir)
+            report["greedy_accuracy_before"] = evaluate(preset, vllm_url, model, "before")
         trainer, env = start_training(stack, preset, model, dtype, api_url, vllm_url)
         stream_steps(stack, trainer)
         env.stop()  # its rollouts would compete with the evaluation for the same cores
         report["training_done_s"] = round(time.monotonic() - t0, 1)
         log.info("training done in %.0fs", report["training_done_s"])
         if not skip_eval:
-            after = evaluate(preset, vllm_url, model, "after", run_dir)
+            after = evaluate(preset, vllm_url, model, "after")
             before = report["greedy_accuracy_before"]
             report["greedy_accuracy_after"] = after
             log.info("greedy accuracy: %.3f -> %.3f (%+.1f points)", before, after,
