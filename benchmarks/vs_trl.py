@@ -370,8 +370,10 @@ def main() -> None:
     parser.add_argument("--eval-vllm-args", default=None,
                         help="flags of the server scoring TRL's model (default: --vllm-args; "
                         "'... --enforce-eager' starts faster on a cold compile cache)")
+    # Appended after the task's own flags, so a flag given again here wins.
     parser.add_argument("--ours-trainer-args", default="", help="extra grpo.py flags")
-    parser.add_argument("--ours-env-args", default="", help="extra arithmetic env flags")
+    parser.add_argument("--ours-env-args", default="",
+                        help="extra arithmetic env flags, e.g. '--env.dynamic_sampling true'")
     parser.add_argument("--trl-vllm", choices=("auto", "yes", "no"), default="auto",
                         help="TRL with vLLM colocate (auto: when CUDA is available)")
     parser.add_argument("--trl-vllm-mem", type=float, default=0.3,
