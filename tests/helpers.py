@@ -27,9 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # The one dtype of every test's models and servers: what this machine computes natively
 # (float32 on CPUs that emulate bf16, where bf16 would make the suite ~10x slower).
 DTYPE = resolve_dtype("auto", quiet=True)
-# vLLM on the CPU: a small KV cache, eager mode, short context keep start-up near 30 s.
-VLLM_CPU_ARGS = ["--gpu-memory-utilization", "0.1", "--max-model-len", "1024", "--enforce-eager",
-                 "--dtype", DTYPE]
+# vLLM on the CPU: a small KV cache, eager mode, short context keep start-up near 30 s. The KV
+# cache is given in bytes: vllm-cpu sizes it otherwise as --gpu-memory-utilization x the RAM
+# total it reads (the NUMA node's MemTotal or the cgroup's limit: 9.7-21 GiB within one CI run
+# here) minus the process's RSS, and that left a LoRA server 0.02 GiB, too little for one request.
+CPU_KV_CACHE = ["--kv-cache-memory-bytes", str(1 << 30)]
+VLLM_CPU_ARGS = [*CPU_KV_CACHE, "--max-model-len", "1024", "--enforce-eager", "--dtype", DTYPE]
+# The same for the vLLM a trainer starts itself (--vllm-args, bridge none).
+TRAINER_VLLM_ARGS = " ".join([*CPU_KV_CACHE, "--max-model-len", "512", "--enforce-eager"])
 
 
 def start_vllm_server(model: Path | str, log_path: Path, extra: list[str] | None = None,

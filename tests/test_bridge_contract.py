@@ -18,6 +18,7 @@ from example_trainer.process import free_port
 from example_trainer.trainer import load_model
 from tests.helpers import (
     PROMPT_IDS,
+    TRAINER_VLLM_ARGS,
     first_token_logprobs,
     hf_logits,
     max_change,
@@ -35,8 +36,7 @@ def bridge_setup(request, tiny_model, tmp_path) -> Iterator[tuple[str, list[str]
     mode = request.param
     if mode == "none":
         yield mode, ["--vllm-port", str(free_port()), "--vllm-restart-interval", "1",
-                     "--vllm-args", "--gpu-memory-utilization 0.1 --max-model-len 512 "
-                     "--enforce-eager"]
+                     "--vllm-args", TRAINER_VLLM_ARGS]
         return
     extra, env = (["--enable-lora", "--max-lora-rank", "8"], {}) if mode == "lora_only" else (
         [], {"VLLM_ENABLE_SHARED_WEIGHTS": "1", "LOGDIR": str(tmp_path)})

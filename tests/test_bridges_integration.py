@@ -15,7 +15,13 @@ from safetensors.torch import load_file
 
 from example_trainer.process import ManagedProcess, free_port
 from example_trainer.trainer import train
-from tests.helpers import first_token_logprobs, max_change, start_env, trainer_cfg
+from tests.helpers import (
+    TRAINER_VLLM_ARGS,
+    first_token_logprobs,
+    max_change,
+    start_env,
+    trainer_cfg,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +65,7 @@ def test_none_bridge_restarts_vllm_on_the_checkpoint(smollm2_model, api_server, 
         rows = train(trainer_cfg(
             smollm2_model, tmp_path, api_server, port, "--weight-bridge-mode", "none",
             "--training-steps", "3", "--vllm-restart-interval", "2", "--lr", "1e-3",
-            "--vllm-args", "--gpu-memory-utilization 0.1 --max-model-len 512 --enforce-eager",
+            "--vllm-args", TRAINER_VLLM_ARGS,
         ))
     finally:
         env.stop()
@@ -98,7 +104,7 @@ def test_sigterm_to_the_trainer_stops_the_vllm_it_started(tiny_model, api_server
         "-m", "example_trainer.grpo", "--model-name", str(tiny_model), "--api-url", api_server,
         "--vllm-port", str(port), "--save-path", str(tmp_path / "run"),
         "--weight-bridge-mode", "none", "--training-steps", "5", "--batch-poll-timeout", "600",
-        "--vllm-args", "--gpu-memory-utilization 0.1 --max-model-len 512 --enforce-eager",
+        "--vllm-args", TRAINER_VLLM_ARGS,
     ], tmp_path / "trainer.log")
     try:
         trainer.wait_healthy(f"http://127.0.0.1:{port}/health", 300)  # its vLLM answers

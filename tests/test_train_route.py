@@ -25,7 +25,10 @@ from tests.helpers import (
 pytestmark = pytest.mark.integration
 
 SAMPLE = {"input": "What is the secret word?", "expected_output": "banana split"}
-JOB = {"learning_rate": 1e-2, "max_steps": 30, "batch_size": 1}
+# 60 steps: memorising the sample takes the tiny random model 30-60 steps depending on its
+# random init (which moves with the transformers release that builds it); 60 did for all four
+# inits tried.
+JOB = {"learning_rate": 1e-2, "max_steps": 60, "batch_size": 1}
 
 
 def start(tiny_model: Path, training_dir: Path, log: Path):
@@ -133,10 +136,10 @@ def test_a_job_teaches_the_served_model_while_it_serves(server, tiny_model):
           f"{statistics.median(latencies) * 1e3:.0f} ms, max {max(latencies) * 1e3:.0f} ms; "
           f"loss {a['loss_history'][0]:.2f} -> {a['loss_history'][-1]:.3f}")
     assert len(latencies) >= 1
-    assert len(a["loss_history"]) == 30 and a["loss_history"][-1] < 0.2 * a["loss_history"][0]
-    assert b["optimizer_steps_before"] == 30  # the second job continued the optimizer state
+    assert len(a["loss_history"]) == 60 and a["loss_history"][-1] < 0.2 * a["loss_history"][0]
+    assert b["optimizer_steps_before"] == 60  # the second job continued the optimizer state
     assert Path(b["checkpoint_path"]).is_dir()
-    assert train_status(url)["worker"]["optimizer_steps"] == 32
+    assert train_status(url)["worker"]["optimizer_steps"] == 62
     after, _ = answer(url, tiny_model, SAMPLE["input"])
     assert after.startswith(SAMPLE["expected_output"]), after
 

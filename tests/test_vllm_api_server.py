@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from example_trainer.process import ManagedProcess, free_port
-from tests.helpers import start_vllm_server
+from tests.helpers import CPU_KV_CACHE, start_vllm_server
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT_IDS = [1, 504, 3458, 282, 4649, 314, 216]  # arbitrary ids inside SmolLM2's vocabulary
@@ -545,8 +545,7 @@ def plain_vllm_server(tiny_model, logs_dir, tmp_path_factory) -> Iterator[str]:
     proc = ManagedProcess.python(
         "vllm_api_server_plain",
         [str(ROOT / "example_trainer" / "vllm_api_server.py"), "--model", str(tiny_model),
-         "--port", str(port), "--gpu-memory-utilization", "0.1", "--max-model-len", "1024",
-         "--enforce-eager"],
+         "--port", str(port), *CPU_KV_CACHE, "--max-model-len", "1024", "--enforce-eager"],
         logs_dir / "vllm_plain.log", env={"LOGDIR": str(logdir)},
         cwd=tmp_path_factory.mktemp("cwd"),
     )
