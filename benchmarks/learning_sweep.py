@@ -64,6 +64,10 @@ class SweepConfig:
         return " ".join(f"{k} {v}" for k, v in (BASE_ENV | self.env).items())
 
 
+# The environment side of the cpu-demo recipe (cpu_recipe and gpu_preset below).
+RECIPE_ENV = {"--env.temperature": "0.7", "--env.dynamic_sampling": "true",
+              "--env.max_num_workers": "12"}
+
 # One change at a time from the baseline. The trainer's schedule is linear warmup then constant
 # (--warmup-steps; no decay exists), so the schedule row is warmup only.
 CONFIGS = {c.name: c for c in (
@@ -90,13 +94,10 @@ CONFIGS = {c.name: c for c in (
     # reached 71.5 % on the H200.
     SweepConfig("cpu_recipe", "lr 2e-5, temperature 0.7, dynamic sampling, 12 groups in "
                 "flight, generation paused during each step (on-policy)", lr=2e-5,
-                trainer={"--pause-generation-during-step": ""},
-                env={"--env.temperature": "0.7", "--env.dynamic_sampling": "true",
-                     "--env.max_num_workers": "12"}),
+                trainer={"--pause-generation-during-step": ""}, env=RECIPE_ENV),
     # launch.py's --preset gpu: the same recipe with generation running through each step.
     SweepConfig("gpu_preset", "cpu_recipe with generation not paused (--preset gpu)", lr=2e-5,
-                env={"--env.temperature": "0.7", "--env.dynamic_sampling": "true",
-                     "--env.max_num_workers": "12"}),
+                env=RECIPE_ENV),
 )}
 
 
